@@ -1,0 +1,43 @@
+"""Configuration dataclasses. Only this module and cli.py read the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class EngineConfig:
+    """How one model is loaded and run."""
+
+    model: str  # a Hugging Face folder or a .gguf file
+    name: str | None = None  # served model name
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    attention_backend: str = "auto"  # auto | torch | sdpa | triton
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None = a fraction of free memory
+    kv_cache_fraction: float = 0.3  # of free memory, when kv_cache_memory is None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None = the model's context
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # CPU threads for torch; None = torch's default
+    seed: int = 0
+    show_progress: bool = True
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    api_keys: list[str] = field(default_factory=list)
+    models: list[EngineConfig] = field(default_factory=list)
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+def env_api_keys() -> list[str]:
+    raw = os.environ.get("INFERHUB_API_KEYS", "")
+    return [k.strip() for k in raw.split(",") if k.strip()]

@@ -1,0 +1,1 @@
+"""The inference engine: sequences, paged KV cache, scheduler, runner, sampler."""

@@ -1,0 +1,1 @@
+"""The business layer: accounts, API keys, prices, billing ledger, rate limits."""

@@ -1,0 +1,123 @@
+"""Attention over the paged KV cache.
+
+The flat batch holds `num_decode_tokens` decode tokens (one per sequence) first, then the
+prefill chunks. New keys and values are written into the cache at `slot_mapping`; each query
+then attends to its sequence's context gathered from the cache through the block table.
+Backends: "torch" (plain matmul + softmax, runs everywhere), "sdpa"
+(`scaled_dot_product_attention`), and "triton" on CUDA (see triton_attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """A padded group of sequences that attend in one call."""
+
+    q_index: torch.Tensor  # (B, Q) index of each query into the group's flat tokens
+    q_valid: torch.Tensor  # (B, Q) bool, False for padding
+    gather: torch.Tensor  # (B, L) cache slot of each context position (0 for padding)
+    mask: torch.Tensor  # (B, 1, Q, L) bool, True where the query may attend
+    all_valid: bool  # no padded queries (every row has Q queries)
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # (T,) cache slot for each new token
+    num_decode_tokens: int
+    decode: AttentionGroup | None
+    prefill: AttentionGroup | None
+    # For kernels that walk the block table themselves (triton backend).
+    block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decodes first
+    context_lens: torch.Tensor | None = None  # (B,) int32
+    block_size: int = 16
+
+
+def _attend_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q: (B, H, Q, D); k, v: (B, Hkv, L, D); mask: (B, 1, Q, L). Returns (B, H, Q, D)."""
+    b, h, qlen, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    qg = q.reshape(b, hkv, g * qlen, d)  # (B, Hkv, G*Q, D)
+    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale  # (B, Hkv, G*Q, L)
+    scores = scores.view(b, hkv, g, qlen, -1)
+    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))  # mask (B, 1, 1, Q, L)
+    probs = torch.softmax(scores, dim=-1).view(b, hkv, g * qlen, -1)
+    out = torch.matmul(probs, v.float())  # (B, Hkv, G*Q, D)
+    return out.view(b, h, qlen, d).to(q.dtype)
+
+
+def _attend_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _attend_group(
+    q_flat: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: AttentionGroup,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """q_flat: (N, H, D) for this group's tokens; returns (N, H, D)."""
+    q = q_flat[group.q_index]  # (B, Q, H, D)
+    k = k_cache[group.gather]  # (B, L, Hkv, D)
+    v = v_cache[group.gather]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, len, D)
+    if backend == "torch":
+        out = _attend_torch(q, k, v, group.mask, scale)
+    else:
+        out = _attend_sdpa(q, k, v, group.mask, scale)
+    out = out.transpose(1, 2)  # (B, Q, H, D)
+    if group.all_valid:
+        return out.reshape(-1, out.shape[-2], out.shape[-1])
+    return out[group.q_valid]  # (N, H, D)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """q: (T, H, D); k, v: (T, Hkv, D); caches: (num_slots, Hkv, D). Returns (T, H, D)."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    nd = meta.num_decode_tokens
+    if backend == "triton" and meta.decode is not None:
+        from inferhub.layers.triton_attention import paged_decode_attention
+
+        assert meta.block_tables is not None and meta.context_lens is not None
+        decode_out = paged_decode_attention(
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.block_tables[:nd],
+            meta.context_lens[:nd],
+            meta.block_size,
+            scale,
+        )
+        backend = "sdpa"
+    elif meta.decode is not None:
+        decode_out = _attend_group(q[:nd], k_cache, v_cache, meta.decode, scale, backend)
+    if meta.prefill is None:
+        return decode_out
+    prefill_out = _attend_group(q[nd:], k_cache, v_cache, meta.prefill, scale, backend)
+    if meta.decode is None:
+        return prefill_out
+    return torch.cat((decode_out, prefill_out), dim=0)
