@@ -25,6 +25,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads for torch; None = torch's default
     seed: int = 0
+    cuda_graphs: bool = True  # record decode steps as CUDA graphs (CUDA + triton backend)
     show_progress: bool = True
 
 

@@ -3,6 +3,7 @@ give every KV block back by the end of each test."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ def make_llm() -> Iterator[Callable[..., LLM]]:
         cfg: dict[str, Any] = {
             "model": str(model),
             "dtype": "float32",
-            "device": "cpu",
+            "device": os.environ.get("INFERHUB_TEST_DEVICE", "cpu"),
             "block_size": 4,
             "kv_cache_memory": 4 << 20,
             "max_num_seqs": 32,

@@ -127,8 +127,10 @@ class LLMEngine:
         most_useful = config.max_num_seqs * (-(-self.max_model_len // config.block_size)) + 1
         num_blocks = max(1, min(budget // per_block, most_useful))
         self.runner = ModelRunner(
-            self.model, num_blocks, config.block_size, self.device, self.dtype
+            self.model, num_blocks, config.block_size, self.device, self.dtype, backend
         )
+        if config.cuda_graphs:
+            self.runner.capture_cuda_graphs(min(config.max_num_seqs, 512), self.max_model_len)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )

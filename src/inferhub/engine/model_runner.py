@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from inferhub.engine.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:
+    from inferhub.engine.cuda_graphs import DecodeGraphs
 from inferhub.engine.sequence import Sequence
 from inferhub.layers.attention import AttentionGroup, AttentionMetadata
 from inferhub.models.qwen2 import KVCache, Qwen2ForCausalLM
@@ -51,14 +55,19 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        backend: str = "sdpa",
     ) -> None:
         self.model = model
+        self.backend = backend
+        model.set_attention_backend(backend)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = device
         self.dtype = dtype
         cfg = model.config
-        slots = num_blocks * block_size
+        # One extra block at the end: padding rows of a CUDA-graph batch write there.
+        slots = (num_blocks + 1) * block_size
+        self.scratch_slot = num_blocks * block_size
         self.kv_caches: list[KVCache] = [
             (
                 torch.zeros(
@@ -70,6 +79,7 @@ class ModelRunner:
             )
             for _ in range(cfg.num_hidden_layers)
         ]
+        self.graphs: DecodeGraphs | None = None
 
     # -- inputs ----------------------------------------------------------------------------
     def _group(
@@ -145,11 +155,11 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev),
             num_decode_tokens=len(decode_idx),
-            decode=group(decode_idx),
+            decode=None if self.backend == "triton" else group(decode_idx),
             prefill=group(prefill_idx),
             block_size=bs,
         )
-        if decode_idx and dev.type == "cuda":
+        if decode_idx and self.backend == "triton":
             seqs = [out.seqs[i] for i in decode_idx]
             width = max(len(s.block_table) for s in seqs)
             bt = torch.zeros(len(seqs), width, dtype=torch.int32)
@@ -183,9 +193,22 @@ class ModelRunner:
         """Run one step; returns float32 logits (len(sample), vocab) for the scheduled
         sequences at indices `sample` (those that finish their pending tokens)."""
         self.copy_blocks(out.blocks_to_copy)
-        inputs = self.prepare(out)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        if self.graphs is not None and self.graphs.can_run(out):
+            hidden = self.graphs.run(out)  # row i is scheduled sequence i
+            last = list(range(len(out.seqs)))
+        else:
+            inputs = self.prepare(out)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            last = inputs.last_token_index
         if not sample:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
-        rows = torch.tensor([inputs.last_token_index[i] for i in sample], device=self.device)
+        rows = torch.tensor([last[i] for i in sample], device=self.device)
         return self.model.compute_logits(hidden[rows])
+
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Record decode steps as CUDA graphs (triton backend on CUDA only)."""
+        from inferhub.engine.cuda_graphs import DecodeGraphs
+
+        if self.device.type != "cuda" or self.backend != "triton":
+            return
+        self.graphs = DecodeGraphs(self, max_batch, max_model_len)

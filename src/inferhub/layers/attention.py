@@ -99,7 +99,8 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     nd = meta.num_decode_tokens
-    if backend == "triton" and meta.decode is not None:
+    decode_out: torch.Tensor | None = None
+    if backend == "triton" and nd > 0:
         from inferhub.layers.triton_attention import paged_decode_attention
 
         assert meta.block_tables is not None and meta.context_lens is not None
@@ -116,8 +117,9 @@ def paged_attention(
     elif meta.decode is not None:
         decode_out = _attend_group(q[:nd], k_cache, v_cache, meta.decode, scale, backend)
     if meta.prefill is None:
+        assert decode_out is not None
         return decode_out
     prefill_out = _attend_group(q[nd:], k_cache, v_cache, meta.prefill, scale, backend)
-    if meta.decode is None:
+    if decode_out is None:
         return prefill_out
     return torch.cat((decode_out, prefill_out), dim=0)

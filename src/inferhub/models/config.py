@@ -47,6 +47,12 @@ class ModelConfig:
             int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])
         ]
         attention_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
+        # transformers 5 writes rope settings under "rope_parameters"
+        rope = cfg.get("rope_parameters") or {}
+        rope_theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling is None and rope.get("rope_type", "default") != "default":
+            rope_scaling = rope
         return cls(
             architecture=model_type,
             vocab_size=int(cfg["vocab_size"]),
@@ -57,11 +63,11 @@ class ModelConfig:
             num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=float(rope_theta),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_scaling=rope_scaling,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )

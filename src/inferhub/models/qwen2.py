@@ -118,6 +118,11 @@ class Qwen2ForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    def set_attention_backend(self, backend: str) -> None:
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # (N, vocab)
 

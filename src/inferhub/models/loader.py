@@ -1,0 +1,365 @@
+"""load_model: a Hugging Face folder (safetensors) or a GGUF file -> model, config and tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from inferhub.layers.rotary import RotaryEmbedding
+from inferhub.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
+from inferhub.models.qwen2 import Qwen2ForCausalLM
+from inferhub.models.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: Qwen2ForCausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source: str  # the absolute path it was loaded from
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    attention_backend: str = "sdpa",
+    show_progress: bool = True,
+) -> LoadedModel:
+    """Load a Hugging Face model folder or a single `.gguf` file, ready for inference."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist")
+    source = os.path.abspath(path)
+    if os.path.isdir(source):
+        return _load_hf_folder(source, dtype, device, attention_backend, show_progress)
+    with open(source, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return _load_gguf(source, dtype, device, attention_backend, show_progress)
+    if source.lower().endswith(".gguf"):
+        raise ValueError(f"{source} is not a valid GGUF file (bad magic {magic!r})")
+    raise ValueError(f"{source} is neither a Hugging Face model folder nor a .gguf file")
+
+
+# -- shared ---------------------------------------------------------------------------------
+def _build_model(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, backend: str
+) -> Qwen2ForCausalLM:
+    """An uninitialized model directly in `dtype` on `device` (no float32 copy on the way)."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config, attention_backend=backend)
+    model.to(dtype=dtype)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Rotary tables are computed, not loaded: rebuild them for real (float32) on the device.
+    model.rotary = RotaryEmbedding(
+        config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+    ).to(device)
+    return model
+
+
+def _load_weights(
+    model: Qwen2ForCausalLM,
+    weights: Iterator[tuple[str, torch.Tensor]],
+    total: int,
+    source: str,
+    show_progress: bool,
+) -> None:
+    bar = tqdm(
+        weights, total=total, desc="Loading weights", unit="tensor", disable=not show_progress
+    )
+    try:
+        model.load_weights(bar)
+    except KeyError as exc:
+        raise ValueError(f"{source}: {exc.args[0] if exc.args else exc}") from exc
+    except ValueError as exc:
+        if isinstance(exc, UnsupportedModelError):
+            raise
+        raise ValueError(f"{source}: {exc}") from exc
+    finally:
+        bar.close()
+
+
+def _finish(
+    model: Qwen2ForCausalLM, config: ModelConfig, tokenizer: Tokenizer, source: str
+) -> LoadedModel:
+    model.eval()
+    model.requires_grad_(False)
+    config.eos_token_ids = sorted(set(config.eos_token_ids) | tokenizer.eos_token_ids)
+    if config.bos_token_id is None:
+        config.bos_token_id = tokenizer.bos_token_id
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source)
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+# -- Hugging Face folders --------------------------------------------------------------------
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _normalize_hf_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 writes rope settings under `rope_parameters`; map them to the old keys."""
+    cfg = dict(raw)
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict):
+        if cfg.get("rope_theta") is None and "rope_theta" in params:
+            cfg["rope_theta"] = params["rope_theta"]
+        rope_type = params.get("rope_type") or params.get("type") or "default"
+        if cfg.get("rope_scaling") is None and rope_type != "default":
+            cfg["rope_scaling"] = dict(params)
+    return cfg
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = sorted({os.path.join(folder, str(f)) for f in weight_map.values()})
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise ValueError(f"{index} names missing shard {os.path.basename(missing[0])}")
+        return files
+    files = sorted(
+        os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")
+    )
+    if not files:
+        raise ValueError(
+            f"{folder} has no *.safetensors weights (PyTorch .bin checkpoints are not supported)"
+        )
+    return files
+
+
+def _load_hf_folder(
+    folder: str, dtype: torch.dtype, device: torch.device, backend: str, show_progress: bool
+) -> LoadedModel:
+    from safetensors import safe_open
+
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{folder} has no config.json: not a Hugging Face model folder")
+    try:
+        config = ModelConfig.from_hf_dict(_normalize_hf_config(_read_json(config_path)))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{config_path} lacks a required setting: {exc}") from exc
+    files = _safetensors_files(folder)
+    gen_path = os.path.join(folder, "generation_config.json")
+    gen_eos = _as_ids(_read_json(gen_path).get("eos_token_id")) if os.path.isfile(gen_path) else []
+    tokenizer = Tokenizer.from_pretrained(folder, extra_eos_ids=[*config.eos_token_ids, *gen_eos])
+
+    try:
+        total = 0
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as st:
+                total += len(list(st.keys()))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"cannot read safetensors file {file}: {exc}") from exc
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for file in files:
+            try:
+                with safe_open(file, framework="pt", device="cpu") as st:
+                    for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                        yield name, st.get_tensor(name)
+            except Exception as exc:  # safetensors raises its own error types
+                raise ValueError(f"cannot read safetensors file {file}: {exc}") from exc
+
+    model = _build_model(config, dtype, device, backend)
+    _load_weights(model, weights(), total, folder, show_progress)
+    return _finish(model, config, tokenizer, folder)
+
+
+# -- GGUF files ------------------------------------------------------------------------------
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (and the top-level ones)."""
+    if name in _GGUF_TOP_NAMES:
+        return _GGUF_TOP_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
+        module = _GGUF_LAYER_NAMES.get(parts[2])
+        if module is not None and parts[3] in ("weight", "bias"):
+            return f"model.layers.{parts[1]}.{module}.{parts[3]}"
+    raise ValueError(f"unexpected GGUF tensor {name!r}")
+
+
+def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf.py, LlamaModel.permute)."""
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _hf_shape(tensor: Any) -> tuple[int, ...]:
+    """GGUF lists dimensions innermost first; PyTorch outermost first."""
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _dequantize(tensor: Any) -> np.ndarray:
+    import gguf
+
+    try:
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as exc:
+        raise UnsupportedModelError(
+            f"GGUF tensor {tensor.name!r} uses {tensor.tensor_type.name}, which cannot be dequantized"
+        ) from exc
+    data = np.asarray(data, dtype=np.float32).reshape(_hf_shape(tensor))
+    return data if data.flags.writeable else data.copy()  # the reader's memmap is read-only
+
+
+class _GGUFMeta:
+    """Typed access to a GGUFReader's key/value metadata."""
+
+    def __init__(self, reader: Any, path: str) -> None:
+        self.reader = reader
+        self.path = path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ValueError(f"{self.path}: GGUF metadata {key!r} is missing")
+        return value
+
+
+def _gguf_config(meta: _GGUFMeta, tensors: dict[str, Any]) -> ModelConfig:
+    arch = str(meta.get("general.architecture", "unknown"))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"unsupported GGUF architecture {arch!r}; inferhub runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    for name in ("token_embd.weight", "blk.0.attn_q.weight"):
+        if name not in tensors:
+            raise ValueError(f"{meta.path}: GGUF tensor {name!r} is missing")
+    heads = int(meta.require(f"{arch}.attention.head_count"))
+    intermediate = meta.require(f"{arch}.feed_forward_length")
+    if isinstance(intermediate, list):  # per-layer lists in some files
+        intermediate = intermediate[0]
+    head_dim = _hf_shape(tensors["blk.0.attn_q.weight"])[0] // heads
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
+    rope_scaling: dict[str, Any] | None = None
+    if scaling_type == "linear":
+        rope_scaling = {
+            "rope_type": "linear",
+            "factor": float(meta.require(f"{arch}.rope.scaling.factor")),
+        }
+    elif scaling_type not in (None, "none"):
+        raise UnsupportedModelError(f"GGUF rope scaling {scaling_type!r} is not supported")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=_hf_shape(tensors["token_embd.weight"])[0],
+        hidden_size=int(meta.require(f"{arch}.embedding_length")),
+        intermediate_size=int(intermediate),
+        num_hidden_layers=int(meta.require(f"{arch}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(meta.get(f"{arch}.context_length", 4096)),
+        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        rope_scaling=rope_scaling,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_as_ids(meta.get("tokenizer.ggml.eos_token_id")),
+    )
+
+
+def _apply_rope_freq_factors(model: Qwen2ForCausalLM, factors: torch.Tensor) -> None:
+    """llama.cpp stores Llama 3 rope scaling as per-frequency divisors (`rope_freqs.weight`)."""
+    cfg = model.config
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = (inv_freq / factors.double()).float()
+    freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
+    device = model.embed_tokens.weight.device
+    model.rotary.register_buffer("cos_cache", freqs.cos().to(device), persistent=False)
+    model.rotary.register_buffer("sin_cache", freqs.sin().to(device), persistent=False)
+
+
+def _load_gguf(
+    path: str, dtype: torch.dtype, device: torch.device, backend: str, show_progress: bool
+) -> LoadedModel:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, struct and numpy errors alike
+        raise ValueError(f"{path} is not a valid GGUF file: {exc}") from exc
+    meta = _GGUFMeta(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    config = _gguf_config(meta, tensors)
+    extra_eos = [
+        *config.eos_token_ids,
+        *_as_ids(meta.get("tokenizer.ggml.eot_token_id")),
+        *_as_ids(meta.get("tokenizer.ggml.eom_token_id")),
+    ]
+    tokenizer = Tokenizer.from_gguf(path, extra_eos_ids=extra_eos)
+    permute = config.architecture == "llama"
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for tensor in reader.tensors:
+            if tensor.name == "rope_freqs.weight":
+                continue
+            hf_name = gguf_to_hf_name(tensor.name)
+            data = _dequantize(tensor)
+            if permute and ".attn_q." in tensor.name:
+                data = _unpermute_rows(data, heads)
+            elif permute and ".attn_k." in tensor.name:
+                data = _unpermute_rows(data, kv_heads)
+            yield hf_name, torch.from_numpy(data)
+
+    model = _build_model(config, dtype, device, backend)
+    total = sum(1 for name in tensors if name != "rope_freqs.weight")
+    _load_weights(model, weights(), total, path, show_progress)
+    if "rope_freqs.weight" in tensors:
+        _apply_rope_freq_factors(model, torch.from_numpy(_dequantize(tensors["rope_freqs.weight"])))
+    return _finish(model, config, tokenizer, path)
