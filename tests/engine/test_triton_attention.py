@@ -13,8 +13,13 @@ from inferhub.layers.attention import AttentionMetadata, paged_attention  # noqa
 from inferhub.layers.triton_attention import paged_decode_attention  # noqa: E402
 
 
-@pytest.mark.parametrize(("h", "hkv", "d", "bs"), [(4, 2, 16, 4), (9, 3, 64, 16), (8, 8, 32, 8)])
-def test_triton_decode_matches_torch_path(h: int, hkv: int, d: int, bs: int) -> None:
+@pytest.mark.parametrize(
+    ("h", "hkv", "d", "bs", "splits"),
+    [(4, 2, 16, 4, None), (9, 3, 64, 16, 1), (8, 8, 32, 8, 4), (14, 2, 64, 16, 16)],
+)
+def test_triton_decode_matches_torch_path(
+    h: int, hkv: int, d: int, bs: int, splits: int | None
+) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("no CUDA and no interpreter")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -101,8 +101,7 @@ class ModelRunner:
         for i, seq in enumerate(seqs):
             bt = seq.block_table[:max_blocks]
             table[i, : len(bt)] = torch.tensor(bt, dtype=torch.long)
-        pos = torch.arange(l_max)
-        gather = table[:, pos // bs] * bs + (pos % bs)  # (B, L)
+        pos = torch.arange(max_blocks * bs)  # (L,) context positions, whole blocks
         starts_t = torch.tensor(starts).unsqueeze(1)  # (B, 1)
         lens_t = torch.tensor(lens).unsqueeze(1)
         qi = torch.arange(q_max).unsqueeze(0)  # (1, Q)
@@ -115,7 +114,7 @@ class ModelRunner:
         return AttentionGroup(
             q_index=q_index.to(dev),
             q_valid=q_valid.to(dev),
-            gather=gather.to(dev),
+            blocks=table.to(dev),
             mask=mask.unsqueeze(1).to(dev),  # (B, 1, Q, L)
             all_valid=all(n == q_max for n in lens),
         )

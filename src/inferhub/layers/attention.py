@@ -21,7 +21,7 @@ class AttentionGroup:
 
     q_index: torch.Tensor  # (B, Q) index of each query into the group's flat tokens
     q_valid: torch.Tensor  # (B, Q) bool, False for padding
-    gather: torch.Tensor  # (B, L) cache slot of each context position (0 for padding)
+    blocks: torch.Tensor  # (B, nb) block table; the context is nb * block_size positions
     mask: torch.Tensor  # (B, 1, Q, L) bool, True where the query may attend
     all_valid: bool  # no padded queries (every row has Q queries)
 
@@ -69,11 +69,15 @@ def _attend_group(
     group: AttentionGroup,
     scale: float,
     backend: str,
+    block_size: int,
 ) -> torch.Tensor:
     """q_flat: (N, H, D) for this group's tokens; returns (N, H, D)."""
     q = q_flat[group.q_index]  # (B, Q, H, D)
-    k = k_cache[group.gather]  # (B, L, Hkv, D)
-    v = v_cache[group.gather]
+    b, nb = group.blocks.shape
+    hkv, d = k_cache.shape[1], k_cache.shape[2]
+    # whole blocks are copied at once: (B, nb, block, Hkv, D) -> (B, L, Hkv, D)
+    k = k_cache.view(-1, block_size, hkv, d)[group.blocks].view(b, nb * block_size, hkv, d)
+    v = v_cache.view(-1, block_size, hkv, d)[group.blocks].view(b, nb * block_size, hkv, d)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, len, D)
     if backend == "torch":
         out = _attend_torch(q, k, v, group.mask, scale)
@@ -115,11 +119,15 @@ def paged_attention(
         )
         backend = "sdpa"
     elif meta.decode is not None:
-        decode_out = _attend_group(q[:nd], k_cache, v_cache, meta.decode, scale, backend)
+        decode_out = _attend_group(
+            q[:nd], k_cache, v_cache, meta.decode, scale, backend, meta.block_size
+        )
     if meta.prefill is None:
         assert decode_out is not None
         return decode_out
-    prefill_out = _attend_group(q[nd:], k_cache, v_cache, meta.prefill, scale, backend)
+    prefill_out = _attend_group(
+        q[nd:], k_cache, v_cache, meta.prefill, scale, backend, meta.block_size
+    )
     if decode_out is None:
         return prefill_out
     return torch.cat((decode_out, prefill_out), dim=0)
