@@ -65,11 +65,13 @@ def our_logits(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
     group = AttentionGroup(
         q_index=ar[None],
         q_valid=torch.ones(1, t, dtype=torch.bool, device=dev),
-        gather=ar[None],
+        blocks=ar[None],  # blocks of one token: block i holds position i
         mask=torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None],
         all_valid=True,
     )
-    meta = AttentionMetadata(slot_mapping=ar, num_decode_tokens=0, decode=None, prefill=group)
+    meta = AttentionMetadata(
+        slot_mapping=ar, num_decode_tokens=0, decode=None, prefill=group, block_size=1
+    )
     with torch.inference_mode():
         hidden = lm.model(torch.tensor(ids, device=dev), ar, caches, meta)
         return lm.model.compute_logits(hidden).cpu()
