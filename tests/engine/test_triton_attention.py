@@ -58,3 +58,35 @@ def test_triton_decode_matches_torch_path(
         ref = torch.einsum("hc,chd->hd", scores.softmax(-1), v)
         torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=1e-4)
     assert AttentionMetadata is not None and paged_attention is not None
+
+
+def test_fused_rms_norm_matches_torch() -> None:
+    from inferhub.layers.norm import RMSNorm
+    from inferhub.layers.triton_fused import rms_norm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(1)
+    norm = RMSNorm(96, eps=1e-5).to(device)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, res = torch.randn(5, 96, device=device), torch.randn(5, 96, device=device)
+    ref_out, ref_res = norm(x, res)
+    out, new_res = rms_norm(x, res, norm.weight, 1e-5)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new_res, ref_res)
+    out, _ = rms_norm(x, None, norm.weight, 1e-5)
+    torch.testing.assert_close(out, norm(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_rotary_matches_torch() -> None:
+    from inferhub.layers.rotary import RotaryEmbedding, apply_rotary
+    from inferhub.layers.triton_fused import rotary_inplace
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rope = RotaryEmbedding(32, 128, 10000.0).to(device)
+    qkv = torch.randn(6, 7 * 32, device=device)
+    qk = qkv[:, : 5 * 32].view(6, 5, 32)  # a strided view, as in the model
+    positions = torch.tensor([0, 3, 9, 10, 64, 127], device=device)
+    ref = apply_rotary(qk.clone(), *rope.cos_sin(positions, qk.dtype))
+    rotary_inplace(qk, positions, rope.cos_cache, rope.sin_cache)
+    torch.testing.assert_close(qk, ref, atol=1e-5, rtol=1e-5)

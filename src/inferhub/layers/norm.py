@@ -12,6 +12,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.fused = False  # use the Triton kernel (CUDA)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # normalize in float32, cast back, then scale: the rounding of Hugging Face's RMSNorm
@@ -22,6 +23,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (norm(x + residual), x + residual); the sum is the next residual."""
+        if self.fused:
+            from inferhub.layers.triton_fused import rms_norm
+
+            return rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         return self._norm(x), x

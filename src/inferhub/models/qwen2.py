@@ -27,6 +27,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.backend = backend
+        self.fused = False  # rotary through the Triton kernel (CUDA)
         self.qkv_proj = nn.Linear(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
@@ -38,13 +39,20 @@ class Attention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, q + 2kv)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        cos, sin = cos_sin
         # rotate q and k heads together: (T, H + Hkv, D)
-        qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        qk = qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.fused:
+            from inferhub.layers.triton_fused import rotary_inplace
+
+            rotary_inplace(qk, positions, rotary.cos_cache, rotary.sin_cache)
+        else:
+            qk = apply_rotary(qk, *cos_sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # (T, H, D), (T, Hkv, D)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.backend)
@@ -76,9 +84,11 @@ class DecoderLayer(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos_sin, kv_cache, meta)
+        h = self.self_attn(h, cos_sin, kv_cache, meta, positions, rotary)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -110,17 +120,21 @@ class Qwen2ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: (T,). Returns the final hidden states (T, hidden)."""
         x = self.embed_tokens(input_ids)  # (T, hidden)
-        cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        fused = self.norm.fused
+        cos_sin = (x, x) if fused else self.rotary.cos_sin(positions, x.dtype)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, cos_sin, kv_cache, meta)
+            x, residual = layer(x, residual, cos_sin, kv_cache, meta, positions, self.rotary)
         x, _ = self.norm(x, residual)
         return x
 
     def set_attention_backend(self, backend: str) -> None:
+        """Pick the attention backend; "triton" also turns on the fused Triton kernels."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend = backend
+            if isinstance(module, (Attention, RMSNorm)):
+                module.fused = backend == "triton"
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # (N, vocab)

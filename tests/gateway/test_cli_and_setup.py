@@ -1,0 +1,149 @@
+"""The CLI on a real database, the first-start bootstrap, and the migrations (which must build
+exactly the tables the code declares), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from inferhub.gateway import accounts, auth
+from inferhub.gateway.cli import main
+from inferhub.gateway.db import VERSION_TABLE
+from inferhub.gateway.factory import create_gateway, open_database
+from inferhub.gateway.schema import metadata
+
+pytestmark = pytest.mark.anyio
+
+
+def db_args(database_url: str | None, data_dir: Path) -> list[str]:
+    return ["--data-dir", str(data_dir)] + (
+        ["--database-url", database_url] if database_url else []
+    )
+
+
+def test_cli_manages_accounts_keys_credit_prices_and_usage(
+    database_url: str | None, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = db_args(database_url, data_dir)
+
+    def run(*argv: str) -> str:
+        assert main([*argv, *where]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    assert "created account acme" in run(
+        "admin", "create-account", "acme", "--email", "a@acme.test", "--credit", "12.5"
+    )
+    out = run(
+        "keys", "create", "--account", "acme", "--name", "prod", "--models", "m1,m2", "--rpm", "60"
+    )
+    secret = re.search(r"(sk-[A-Za-z0-9_-]{43})", out)
+    assert secret is not None
+    listing = run("keys", "list", "--account", "acme")
+    assert secret.group(1) not in listing and secret.group(1)[:11] in listing and "m1,m2" in listing
+    assert "balance 13.000000" in run("credit", "add", "acme", "0.5", "--note", "bonus")
+    assert "input 0.150000" in run("prices", "set", "m1", "--input", "0.15", "--output", "0.6")
+    assert "m1" in run("prices", "list")
+
+    db = open_database(database_url, data_dir)
+    try:
+        principal = auth.lookup_secret(db, secret.group(1))
+        from inferhub.gateway import billing
+
+        billing.reserve(
+            db,
+            principal,
+            request_id="r1",
+            model="m1",
+            prompt_tokens=1000,
+            max_completion_tokens=100,
+            instance="cli",
+        )
+        billing.settle(
+            db,
+            "r1",
+            prompt_tokens=1000,
+            completion_tokens=100,
+            end_state="completed",
+            finish_reasons=["stop"],
+        )
+        key_id = principal.key_id
+    finally:
+        db.close()
+    usage_out = run("usage", "--account", "acme", "--group-by", "model", "--since", "1d")
+    assert re.search(r"m1\s+1\s+1000\s+100\s+0\.000210", usage_out), usage_out
+    by_day = run("usage", "--key", key_id, "--group-by", "day")
+    assert re.search(r"\d{4}-\d\d-\d\d\s+1\s+1000\s+100\s+0\.000210", by_day), by_day
+    assert "revoked" in run("keys", "revoke", key_id)
+
+    assert main(["keys", "revoke", "key_nope", *where]) == 1
+    assert "No such key" in capsys.readouterr().err
+    assert main(["credit", "add", "acme", "0.0000001", *where]) == 1
+    assert "6 decimal" in capsys.readouterr().err
+
+
+async def test_first_start_prints_the_admin_key_once(
+    database_url: str | None, data_dir: Path
+) -> None:
+    said: list[str] = []
+    gw = create_gateway(database_url, data_dir, announce=said.append)
+    await gw.close()
+    assert len(said) == 1
+    secret = re.search(r"sk-[A-Za-z0-9_-]{43}", said[0])
+    assert secret is not None
+    again: list[str] = []
+    gw = create_gateway(database_url, data_dir, announce=again.append)
+    try:
+        assert again == []
+        principal = await gw.authenticate(f"Bearer {secret.group(0)}")
+        assert principal.role == "admin"
+    finally:
+        await gw.close()
+
+
+async def test_admin_key_from_configuration_is_used_and_never_printed(
+    database_url: str | None, data_dir: Path
+) -> None:
+    given = "sk-operator-chosen-admin-key-0123456789"
+    said: list[str] = []
+    gw = create_gateway(database_url, data_dir, admin_key=given, announce=said.append)
+    try:
+        assert given not in " ".join(said)
+        assert (await gw.authenticate(f"Bearer {given}")).role == "admin"
+    finally:
+        await gw.close()
+    with pytest.raises(ValueError):
+        create_gateway(database_url, data_dir, admin_key="short")
+
+
+def test_migrations_build_the_declared_schema_and_rerun_cleanly(
+    database_url: str | None, data_dir: Path
+) -> None:
+    db = open_database(database_url, data_dir)
+    try:
+        db.migrate()  # a second run is a no-op
+        with db.engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            assert context.get_current_revision() == "0001"
+            assert compare_metadata(context, metadata) == []
+    finally:
+        db.close()
+
+
+def test_console_passwords_are_argon2_hashes(database_url: str | None, data_dir: Path) -> None:
+    db = open_database(database_url, data_dir)
+    try:
+        account = accounts.create_account(db, "carol", email="carol@example.test")
+        auth.set_password(db, account.id, "correct horse battery")
+        found = accounts.login_row(db, "carol")
+        assert found is not None and (found[1] or "").startswith("$argon2id$")
+        assert auth.verify_login(db, "carol@example.test", "correct horse battery") is not None
+        assert auth.verify_login(db, "carol", "wrong password") is None
+        assert auth.verify_login(db, "nobody", "correct horse battery") is None
+        accounts.set_account_disabled(db, account.id, True)
+        assert auth.verify_login(db, "carol", "correct horse battery") is None
+    finally:
+        db.close()
