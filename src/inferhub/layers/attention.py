@@ -72,12 +72,19 @@ def _attend_group(
     block_size: int,
 ) -> torch.Tensor:
     """q_flat: (N, H, D) for this group's tokens; returns (N, H, D)."""
-    q = q_flat[group.q_index]  # (B, Q, H, D)
     b, nb = group.blocks.shape
     hkv, d = k_cache.shape[1], k_cache.shape[2]
-    # whole blocks are copied at once: (B, nb, block, Hkv, D) -> (B, L, Hkv, D)
-    k = k_cache.view(-1, block_size, hkv, d)[group.blocks].view(b, nb * block_size, hkv, d)
-    v = v_cache.view(-1, block_size, hkv, d)[group.blocks].view(b, nb * block_size, hkv, d)
+    if group.all_valid and group.q_index.shape[1] == 1:
+        q = q_flat.unsqueeze(1)  # decodes are already in order: (B, 1, H, D)
+    else:
+        q = q_flat[group.q_index]  # (B, Q, H, D)
+    # Copy whole blocks with index_select (a memcpy per block, far faster than advanced
+    # indexing): (B * nb, block * Hkv * D) -> (B, L, Hkv, D)
+    flat = group.blocks.reshape(-1)
+    k = torch.index_select(k_cache.view(-1, block_size * hkv * d), 0, flat)
+    v = torch.index_select(v_cache.view(-1, block_size * hkv * d), 0, flat)
+    k = k.view(b, nb * block_size, hkv, d)
+    v = v.view(b, nb * block_size, hkv, d)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, len, D)
     if backend == "torch":
         out = _attend_torch(q, k, v, group.mask, scale)

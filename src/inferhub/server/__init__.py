@@ -1,0 +1,1 @@
+"""The HTTP layer: the OpenAI-compatible API (FastAPI), its errors, metrics and lifecycle."""
