@@ -74,7 +74,7 @@ def our_logits(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
     )
     with torch.inference_mode():
         hidden = lm.model(torch.tensor(ids, device=dev), ar, caches, meta)
-        return lm.model.compute_logits(hidden).cpu()
+        return lm.model.compute_logits(hidden).float().cpu()
 
 
 def hf_logits(model: Any, ids: list[int]) -> torch.Tensor:

@@ -153,7 +153,17 @@ def apply_top_k_top_p_min_p(probs: torch.Tensor, batch: SamplingBatch) -> torch.
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """logits: (N, V) float32. Returns one token id per row."""
+        """logits: (N, V) in the model's dtype. Returns one token id per row."""
+        plain_greedy = (
+            batch.all_greedy
+            and batch.max_logprobs is None
+            and batch.output_tokens is None
+            and batch.bias_index is None
+            and batch.banned_index is None
+        )
+        if plain_greedy:  # float() of bf16/fp16 is exact: the argmax is the same without it
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), None)
+        logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
         logits = apply_penalties_and_bias(logits, batch)
         greedy_tokens = logits.argmax(dim=-1)

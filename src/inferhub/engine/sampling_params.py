@@ -33,7 +33,6 @@ class SamplingParams:
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     max_tokens: int | None = None
     min_tokens: int = 0
@@ -74,8 +73,6 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 raise SamplingParamsError(name, f"{name} must be between -2 and 2, got {value}.")
-        if self.repetition_penalty <= 0.0:
-            raise SamplingParamsError("repetition_penalty", "repetition_penalty must be positive.")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SamplingParamsError(
                 "max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}."

@@ -137,7 +137,7 @@ class Qwen2ForCausalLM(nn.Module):
                 module.fused = backend == "triton"
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # (N, vocab)
+        return self.lm_head(hidden)  # (N, vocab) in the model's dtype
 
     # -- weights ---------------------------------------------------------------------------
     _FUSED: ClassVar[dict[str, tuple[str, int]]] = {
