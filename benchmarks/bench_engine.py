@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, write_json
 from inferhub.config import EngineConfig
-from inferhub.engine.llm_engine import LLM
+from inferhub.engine.llm import LLM
 from inferhub.engine.sampling_params import SamplingParams
 from inferhub.models.default import default_model_path
 

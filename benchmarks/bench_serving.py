@@ -114,7 +114,7 @@ async def run_serving(
 
 def run_offline(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
     from inferhub.config import EngineConfig
-    from inferhub.engine.llm_engine import LLM
+    from inferhub.engine.llm import LLM
     from inferhub.engine.sampling_params import SamplingParams
 
     llm = LLM(

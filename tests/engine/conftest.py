@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from inferhub.config import EngineConfig
-from inferhub.engine.llm_engine import LLM
+from inferhub.engine.llm import LLM
 from tiny_models import make_tiny_gguf, make_tiny_hf
 
 

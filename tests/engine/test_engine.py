@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from inferhub.engine.errors import PromptTooLongError
-from inferhub.engine.llm_engine import LLM
+from inferhub.engine.llm import LLM
 from inferhub.engine.sampling_params import SamplingParams, SamplingParamsError
 from inferhub.engine.scheduler import SchedulerOutput
 

@@ -1,4 +1,4 @@
-"""The engine step (schedule, run, sample, post-process) and the offline `LLM.generate`."""
+"""The engine step: schedule, run the model, sample, detokenize, check stops, report."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from inferhub.config import EngineConfig
 from inferhub.engine.block_manager import BlockManager
 from inferhub.engine.detokenizer import IncrementalDetokenizer
+from inferhub.engine.device import resolve_backend, resolve_device, resolve_dtype
 from inferhub.engine.errors import PromptTooLongError
 from inferhub.engine.model_runner import ModelRunner, available_memory, kv_bytes_per_block
 from inferhub.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -49,49 +50,6 @@ class _Request:
     generators: dict[int, torch.Generator | None] = field(default_factory=dict)
     num_logprobs_sent: dict[int, int] = field(default_factory=dict)
     num_finished: int = 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name in table:
-        if table[name] is torch.float16 and device.type == "cpu":
-            raise ValueError("float16 is only supported on CUDA; use bfloat16 or float32 on CPU")
-        return table[name]
-    if name != "auto":
-        raise ValueError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
-
-
-def resolve_backend(name: str, device: torch.device) -> str:
-    if name != "auto":
-        if name not in ("torch", "sdpa", "triton"):
-            raise ValueError(f"unknown attention backend {name!r}")
-        return name
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-
-            return "triton"
-        except ImportError:
-            return "sdpa"
-    return "sdpa"
 
 
 class LLMEngine:
@@ -425,49 +383,3 @@ class LLMEngine:
             finished=finished_all,
             error=error,
         )
-
-
-@dataclass
-class GenerationResult:
-    """One finished choice of an offline request."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[TokenLogprob] | None = None
-
-
-class LLM:
-    """Offline batch generation: `LLM(config).generate(prompts, params)`."""
-
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
-        self.engine = LLMEngine(config, loaded)
-        self.tokenizer = self.engine.tokenizer
-
-    def generate(
-        self, prompts: Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams]
-    ) -> list[list[GenerationResult]]:
-        """Run every prompt to completion; returns, per prompt, its choices in index order."""
-        param_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        ids: list[str] = []
-        for i, (prompt, p) in enumerate(zip(prompts, param_list, strict=True)):
-            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            rid = f"offline-{id(self)}-{i}"
-            self.engine.add_request(rid, token_ids, p)
-            ids.append(rid)
-        results: dict[str, dict[int, GenerationResult]] = {rid: {} for rid in ids}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.error:
-                    raise RuntimeError(out.error)
-                for c in out.outputs:
-                    r = results[out.request_id].setdefault(
-                        c.index, GenerationResult(c.index, "", [], None, None)
-                    )
-                    r.text = c.text
-                    r.token_ids.extend(c.token_ids_delta)
-                    r.finish_reason = c.finish_reason
-                    if c.logprobs_delta is not None:
-                        r.logprobs = (r.logprobs or []) + c.logprobs_delta
-        return [[results[rid][k] for k in sorted(results[rid])] for rid in ids]

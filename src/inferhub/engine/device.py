@@ -1,0 +1,48 @@
+"""Which device, dtype and attention backend an engine runs with when asked for "auto"."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name in table:
+        if table[name] is torch.float16 and device.type == "cpu":
+            raise ValueError("float16 is only supported on CUDA; use bfloat16 or float32 on CPU")
+        return table[name]
+    if name != "auto":
+        raise ValueError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name != "auto":
+        if name not in ("torch", "sdpa", "triton"):
+            raise ValueError(f"unknown attention backend {name!r}")
+        return name
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+
+            return "triton"
+        except ImportError:
+            return "sdpa"
+    return "sdpa"
