@@ -145,7 +145,8 @@ def launch_server(args: argparse.Namespace) -> subprocess.Popen[str]:
     kw = engine_kwargs(args)
     cmd = [
         sys.executable, "-m", "inferhub.cli", "serve", "--port", "0", "--log-level", "warning",
-        "--model", f"{args.model}={args.model_path}", "--max-num-seqs", str(kw["max_num_seqs"]),
+        "--no-auth", "--model", f"{args.model}={args.model_path}",
+        "--max-num-seqs", str(kw["max_num_seqs"]),
         *(["--kv-cache-memory", str(kw["kv_cache_memory"])] if kw["kv_cache_memory"] else []),
     ]  # fmt: skip
     proc = subprocess.Popen(

@@ -50,7 +50,7 @@ def test_serve_refuses_public_host_without_keys(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("INFERHUB_API_KEYS", raising=False)
-    assert cli.main(["serve", "--host", "0.0.0.0"]) == 2
+    assert cli.main(["serve", "--no-auth", "--host", "0.0.0.0"]) == 2
     assert "refusing to serve on 0.0.0.0 without API keys" in capsys.readouterr().err
 
 
@@ -87,7 +87,17 @@ def test_serve_open_on_loopback_and_several_models(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("INFERHUB_API_KEYS", raising=False)
     built = serve_with_fakes(
         monkeypatch,
-        ["--model", "a=/a.gguf", "--model", "b=/b", "--port", "0", "--drain-timeout", "5"],
+        [
+            "--no-auth",
+            "--model",
+            "a=/a.gguf",
+            "--model",
+            "b=/b",
+            "--port",
+            "0",
+            "--drain-timeout",
+            "5",
+        ],
     )
     assert isinstance(built["state"].gatekeeper, OpenAccess)
     assert list(built["state"].engines) == ["a", "b"]

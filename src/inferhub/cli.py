@@ -9,11 +9,13 @@ import importlib
 import importlib.util
 import ipaddress
 import logging
+import os
 import queue
+import socket
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -252,22 +254,69 @@ def _model_specs(values: list[str]) -> list[tuple[str, str]]:
     return specs
 
 
-def build_gatekeeper(config: ServerConfig) -> Gatekeeper:
-    """Who may call: the configured keys, or anyone when none are (loopback only).
-    >>> The integration point for the database gateway: return it from here. <<<"""
+def build_gatekeeper(config: ServerConfig, announce: Callable[[str], None] = print) -> Gatekeeper:
+    """Who may call and what it costs: the database gateway (the default; its first start
+    creates the admin account and passes its key to `announce` once), or the simple modes,
+    a fixed key list or, on loopback, open access."""
     from inferhub.gateway.static import OpenAccess, StaticKeys
 
-    return StaticKeys(config.api_keys) if config.api_keys else OpenAccess()
+    if config.open_access:
+        return OpenAccess()
+    if config.api_keys:
+        return StaticKeys(config.api_keys)
+    from inferhub.gateway.factory import REDIS_TOKENS_FLUSH_S, create_gateway
+    from inferhub.gateway.gateway import GatewaySettings
+
+    settings = GatewaySettings(
+        instance=config.instance,
+        tokens_flush_interval_s=REDIS_TOKENS_FLUSH_S if config.redis_url else 0.0,
+    )
+    return create_gateway(
+        config.database_url,
+        config.data_dir,
+        config.redis_url,
+        admin_key=config.admin_key,
+        settings=settings,
+        announce=announce,
+    )
+
+
+def _auth_error(args: argparse.Namespace, keys: list[str]) -> str | None:
+    """Why the authentication options do not go together, if they do not."""
+    unused = [
+        f for f, v in (("--database-url", args.database_url), ("--redis-url", args.redis_url)) if v
+    ]
+    if args.no_auth and keys:
+        return "--no-auth and API keys (--api-key, INFERHUB_API_KEYS) exclude each other"
+    if (args.no_auth or keys) and unused:
+        mode = "--no-auth" if args.no_auth else "--api-key (or INFERHUB_API_KEYS)"
+        return f"{mode} runs without the database gateway; {' and '.join(unused)} would be unused"
+    if args.no_auth and not is_loopback(args.host):
+        return (
+            f"refusing to serve on {args.host} without API keys; drop --no-auth (keys and "
+            "billing from the database gateway), pass --api-key, or bind to 127.0.0.1"
+        )
+    return None
+
+
+def _describe_auth(config: ServerConfig, gatekeeper: Gatekeeper) -> str:
+    if config.open_access:
+        return "no API keys: open to this machine only"
+    if config.api_keys:
+        return f"{len(config.api_keys)} static API key(s), no billing"
+    from inferhub.gateway.db import redact_url
+    from inferhub.gateway.gateway import DatabaseGateway
+
+    assert isinstance(gatekeeper, DatabaseGateway)
+    limits = "rate limits in Redis" if config.redis_url else "rate limits in memory"
+    return f"keys and billing in {redact_url(gatekeeper.db.url)}, {limits}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     keys = list(args.api_key) or env_api_keys()
-    if not keys and not is_loopback(args.host):
-        print(
-            f"error: refusing to serve on {args.host} without API keys; pass --api-key "
-            "(or set INFERHUB_API_KEYS), or bind to 127.0.0.1",
-            file=sys.stderr,
-        )
+    args.redis_url = args.redis_url or os.environ.get("INFERHUB_REDIS_URL")
+    if (problem := _auth_error(args, keys)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         specs = _model_specs(args.model)
@@ -294,11 +343,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_keys=keys,
         models=[_engine_config(args, path, name) for name, path in specs],
         max_body_bytes=args.max_body_bytes,
+        open_access=args.no_auth,
+        database_url=args.database_url,
+        redis_url=args.redis_url,
+        instance=args.instance or socket.gethostname() or "default",
+        admin_key=os.environ.get("INFERHUB_ADMIN_KEY") or None,
     )
-    app = create_app(config, engines, build_gatekeeper(config))
+    try:
+        # The first start prints the admin key here, on stdout, just before the URL line.
+        gatekeeper = build_gatekeeper(config, announce=lambda text: print(text, flush=True))
+    except Exception as exc:
+        print(f"error: cannot start the database gateway: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(config, engines, gatekeeper)
+    auth = _describe_auth(config, gatekeeper)
 
     def announce(url: str) -> None:
-        auth = "API keys required" if keys else "no API keys: open to this machine only"
         print(f"inferhub: serving {', '.join(engines)} at {url} ({auth}; Ctrl-C stops)", flush=True)
 
     started = run_server(
@@ -343,9 +403,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--data-dir", default="data", help="where the gateway keeps its data")
-    serve.add_argument(
+    auth = serve.add_argument_group(
+        "keys and billing",
+        "By default the database gateway decides who may call and bills every request; its "
+        "first start creates the admin account and prints its key once (or takes "
+        "INFERHUB_ADMIN_KEY). --api-key and --no-auth are simple modes without it.",
+    )
+    auth.add_argument(
+        "--database-url", metavar="URL",
+        help="postgresql://... (or INFERHUB_DATABASE_URL; default: SQLite in --data-dir)",
+    )  # fmt: skip
+    auth.add_argument(
+        "--redis-url", metavar="URL",
+        help="redis://... to share rate limits between replicas (or INFERHUB_REDIS_URL)",
+    )  # fmt: skip
+    auth.add_argument(
+        "--instance", metavar="NAME",
+        help="this replica's name, unique among the replicas sharing a database and stable "
+        "across its restarts (default: the host name)",
+    )  # fmt: skip
+    auth.add_argument(
         "--api-key", action="append", default=[],
-        help="an accepted API key (repeatable; or INFERHUB_API_KEYS=k1,k2)",
+        help="simple mode: an accepted API key, no billing (repeatable; or INFERHUB_API_KEYS=k1,k2)",
+    )  # fmt: skip
+    auth.add_argument(
+        "--no-auth", action="store_true",
+        help="simple mode: no keys, no billing; anyone on this machine may call (loopback only)",
     )  # fmt: skip
     serve.add_argument("--max-body-bytes", type=_size, default=ServerConfig().max_body_bytes)
     serve.add_argument(
@@ -367,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "database_url"):  # serve and the gateway's commands: the same database
+        args.database_url = args.database_url or os.environ.get("INFERHUB_DATABASE_URL")
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -37,6 +37,13 @@ class ServerConfig:
     api_keys: list[str] = field(default_factory=list)
     models: list[EngineConfig] = field(default_factory=list)
     max_body_bytes: int = 4 * 1024 * 1024
+    # Who may call. `api_keys` (a fixed list, no billing) or `open_access` (anyone, loopback
+    # only) replace the database gateway, which is the default.
+    open_access: bool = False
+    database_url: str | None = field(default=None, repr=False)  # None: SQLite in data_dir
+    redis_url: str | None = field(default=None, repr=False)  # None: rate limits in memory
+    instance: str = "default"  # this replica's name, unique among those sharing a database
+    admin_key: str | None = field(default=None, repr=False)  # the first admin key, if given
 
 
 def env_api_keys() -> list[str]:

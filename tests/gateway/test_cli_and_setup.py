@@ -127,7 +127,7 @@ def test_migrations_build_the_declared_schema_and_rerun_cleanly(
         db.migrate()  # a second run is a no-op
         with db.engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-            assert context.get_current_revision() == "0001"
+            assert context.get_current_revision() == "0002"
             assert compare_metadata(context, metadata) == []
     finally:
         db.close()

@@ -36,19 +36,20 @@ class LiveServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def gauges(self) -> dict[str, float]:
-        """The per-model engine gauges from /metrics, e.g. {"num_requests_running": 0.0}."""
+    def gauges(self, model: str = MODEL) -> dict[str, float]:
+        """The per-model engine gauges and counters from /metrics, e.g.
+        {"num_requests_running": 0.0, "engine_generation_tokens_total": 12.0}."""
         text = httpx.get(self.base + "/metrics").text
         out = {}
-        for m in re.finditer(rf'^inferhub_(\w+)\{{model="{MODEL}"\}} (\S+)$', text, re.M):
+        for m in re.finditer(rf'^inferhub_(\w+)\{{model="{model}"\}} (\S+)$', text, re.M):
             out[m.group(1)] = float(m.group(2))
         return out
 
-    def wait_idle(self, timeout: float = 1.0) -> dict[str, float]:
+    def wait_idle(self, timeout: float = 1.0, model: str = MODEL) -> dict[str, float]:
         """Gauges once no sequence runs or waits and no KV block is used (or at the timeout)."""
         deadline = time.monotonic() + timeout
         while True:
-            g = self.gauges()
+            g = self.gauges(model)
             idle = g["num_requests_running"] == g["num_requests_waiting"] == 0
             if (idle and g["kv_cache_used_blocks"] == 0) or time.monotonic() > deadline:
                 return g
@@ -70,9 +71,19 @@ def _reader(stream: IO[str], lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def start_live_server(log_path: Path, *extra: str, timeout: float = 180) -> LiveServer:
-    cmd = [sys.executable, "-m", "inferhub.cli", "serve", "--port", "0", "--api-key", KEY]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_live_server(
+    log_path: Path,
+    *extra: str,
+    api_key: str | None = KEY,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+) -> LiveServer:
+    """Start `inferhub serve` with `extra` arguments; with `api_key` None it runs the database
+    gateway (pass `--data-dir`). Its stdout lines up to the URL line are in `stdout_lines`."""
+    cmd = [sys.executable, "-m", "inferhub.cli", "serve", "--port", "0"]
+    if api_key is not None:
+        cmd += ["--api-key", api_key]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [*cmd, *SERVE_ARGS, *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=env

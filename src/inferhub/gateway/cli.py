@@ -9,18 +9,20 @@ each leaf sets `func(args) -> int`. They work on the same database as the server
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from inferhub.gateway import accounts
-from inferhub.gateway.auth import hash_password
+from inferhub.gateway.auth import hash_password, set_password
 from inferhub.gateway.db import Database
 from inferhub.gateway.factory import open_database
 from inferhub.gateway.interface import GatewayError
 from inferhub.gateway.money import format_amount, parse_amount
 from inferhub.gateway.records import KeyLimits
+from inferhub.gateway.sessions import end_account_sessions
 from inferhub.gateway.usage import UsageFilter, usage_totals
 
 Handler = Callable[[Database, argparse.Namespace], None]
@@ -69,10 +71,24 @@ def _since(text: str) -> datetime:
 # -- handlers ----------------------------------------------------------------------------------
 
 
-def _create_account(db: Database, args: argparse.Namespace) -> None:
-    password_hash = None
+def _prompt_password() -> str:
+    """A console password typed twice at the terminal (never an argument: others could read
+    the command line)."""
+    first = getpass.getpass("Console password: ")
+    if getpass.getpass("Again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def _read_password(args: argparse.Namespace) -> str | None:
     if args.password_stdin:
-        password_hash = hash_password(sys.stdin.readline().rstrip("\n"))
+        return sys.stdin.readline().rstrip("\n")
+    return _prompt_password() if args.password else None
+
+
+def _create_account(db: Database, args: argparse.Namespace) -> None:
+    password = _read_password(args)
+    password_hash = hash_password(password) if password is not None else None
     account = accounts.create_account(
         db, args.name, email=args.email, role=args.role, password_hash=password_hash
     )
@@ -85,6 +101,17 @@ def _create_account(db: Database, args: argparse.Namespace) -> None:
     if args.with_key:
         created = accounts.create_key(db, account.id, name="default")
         print(f"API key (shown only this once): {created.secret}")
+
+
+def _set_password(db: Database, args: argparse.Namespace) -> None:
+    account = accounts.find_account(db, args.account)
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = _prompt_password()
+    set_password(db, account.id, password)
+    ended = end_account_sessions(db, account.id)
+    print(f"console password of {account.name} set ({ended} console session(s) ended)")
 
 
 def _keys_create(db: Database, args: argparse.Namespace) -> None:
@@ -200,7 +227,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--role", choices=["user", "admin"], default="user")
     p.add_argument("--credit", help="initial credit, in currency units")
     p.add_argument("--with-key", action="store_true", help="also create a key and print it")
+    p.add_argument("--password", action="store_true", help="prompt for a console password")
     p.add_argument("--password-stdin", action="store_true", help="read a console password")
+    p = leaf(admin, "set-password", "set an account's console password", _set_password)
+    p.add_argument("account", help="account id, name or email")
+    p.add_argument("--password-stdin", action="store_true", help="read it from stdin, not a prompt")
 
     keys = group("keys", "manage API keys")
     p = leaf(keys, "create", "create a key (printed once)", _keys_create)

@@ -133,3 +133,4 @@ class KeyPrincipal(Principal):
     allowed_models: list[str] = field(default_factory=list)
     limits: KeyLimits = field(default_factory=KeyLimits)
     account_name: str = ""
+    session_id: str | None = None  # set when a console session, not a key, is calling

@@ -108,3 +108,18 @@ instances = sa.Table(
     sa.Column("started_at", sa.DateTime(), nullable=False),
     sa.Column("heartbeat_at", sa.DateTime(), nullable=False),
 )
+
+# Console log-ins: the cookie's token is stored only as its SHA-256 (the row id).
+console_sessions = sa.Table(
+    "console_sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # sha256 hex of the session token
+    sa.Column("account_id", sa.String(32), sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("csrf_token", sa.String(64), nullable=False),  # sent back in X-CSRF-Token
+    sa.Column("playground_key_id", sa.String(32), nullable=True),  # the key it minted, if any
+    sa.Column("created_at", sa.DateTime(), nullable=False),
+    sa.Column("last_seen_at", sa.DateTime(), nullable=False),
+    sa.Column("expires_at", sa.DateTime(), nullable=False),
+    sa.Index("ix_console_sessions_account_id", "account_id"),
+    sa.Index("ix_console_sessions_expires_at", "expires_at"),
+)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferhub.gateway import accounts
-from inferhub.gateway.auth import hash_password
+from inferhub.gateway.auth import hash_password, set_password
 from inferhub.gateway.gateway import DatabaseGateway
 from inferhub.gateway.interface import GatewayError
 from inferhub.gateway.records import (
@@ -29,8 +29,10 @@ from inferhub.gateway.records import (
     UsageGroup,
     UsageRecord,
 )
+from inferhub.gateway.sessions import end_account_sessions
 from inferhub.gateway.usage import UsageFilter, list_usage, usage_totals
 from inferhub.gateway.usage import audit as usage_audit
+from inferhub.server.console.sessions import has_session_cookie, session_caller
 
 T = TypeVar("T")
 
@@ -55,9 +57,12 @@ GatewayDep = Annotated[DatabaseGateway, Depends(get_gateway)]
 
 
 async def get_caller(
-    gateway: GatewayDep, authorization: Annotated[str | None, Header()] = None
+    request: Request, gateway: GatewayDep, authorization: Annotated[str | None, Header()] = None
 ) -> KeyPrincipal:
-    """The calling key (a console session will be a second way in, for the console issue)."""
+    """The calling key or, for a request with no Authorization header, the account of its
+    console session cookie (with the CSRF header checked on state-changing calls)."""
+    if authorization is None and has_session_cookie(request):
+        return await session_caller(gateway, request)
     return await gateway.authenticate(authorization)
 
 
@@ -66,7 +71,9 @@ CallerDep = Annotated[KeyPrincipal, Depends(get_caller)]
 
 async def require_admin(caller: CallerDep) -> KeyPrincipal:
     if caller.role != "admin":
-        raise GatewayError(403, "This endpoint needs an admin API key.", code="admin_required")
+        raise GatewayError(
+            403, "This endpoint needs an admin API key or session.", code="admin_required"
+        )
     return caller
 
 
@@ -93,6 +100,10 @@ class AccountCreate(_Body):
     role: Literal["admin", "user"] = "user"
     password: str | None = Field(default=None, min_length=8, max_length=1000)
     credit_micros: int = Field(default=0, ge=0)
+
+
+class PasswordSet(_Body):
+    password: str = Field(min_length=8, max_length=1000)
 
 
 class CreditAdd(_Body):
@@ -190,6 +201,14 @@ def admin_router() -> APIRouter:
     async def enable_account(gw: GatewayDep, account: str) -> AccountInfo:
         found = await gw.call(accounts.find_account, gw.db, account)
         return await gw.call(accounts.set_account_disabled, gw.db, found.id, False)
+
+    @router.put("/accounts/{account}/password")
+    async def set_account_password(gw: GatewayDep, account: str, body: PasswordSet) -> AccountInfo:
+        """Set the account's console password; its console sessions end."""
+        found = await gw.call(accounts.find_account, gw.db, account)
+        await gw.call(set_password, gw.db, found.id, body.password)
+        await gw.call(end_account_sessions, gw.db, found.id)
+        return await gw.call(accounts.find_account, gw.db, found.id)
 
     @router.post("/accounts/{account}/credit", status_code=201)
     async def add_credit(gw: GatewayDep, account: str, body: CreditAdd) -> LedgerEntry:

@@ -1,6 +1,7 @@
 """The app factory: `create_app(config, engines, gatekeeper)` wires the OpenAI routers, the
-error shape, metrics, /health and /ready, and owns the engines' lifecycle (started at
-startup; at shutdown, running requests drain, then the engines stop)."""
+operator and account APIs (/admin, /v1/dashboard), the error shape, metrics, /health and
+/ready, and owns the lifecycle of the engines and the gatekeeper (started at startup; at
+shutdown, running requests drain, then the engines stop, then the gatekeeper closes)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from inferhub import __version__
 from inferhub.config import ServerConfig
 from inferhub.gateway.interface import Gatekeeper
 from inferhub.server import chat, completions, models
+from inferhub.server.admin import admin_router
+from inferhub.server.console.routes import console_router
+from inferhub.server.dashboard import dashboard_router
 from inferhub.server.errors import install_error_handlers, server_error
 from inferhub.server.limits import BodyLimit
 from inferhub.server.metrics import CONTENT_TYPE, RequestCounter, ServerMetrics
@@ -104,4 +108,8 @@ def create_app(
     app.include_router(completions.router)
     app.include_router(models.router)
     app.include_router(ops)
+    # The operator and account APIs answer 404 `not_available` without the database gateway.
+    app.include_router(admin_router())
+    app.include_router(dashboard_router())
+    app.include_router(console_router())  # the web console at /console
     return app

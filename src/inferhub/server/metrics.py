@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,6 +41,14 @@ class _EngineCollector(Collector):
             name: GaugeMetricFamily(f"inferhub_{name}", doc, labels=["model"])
             for name, doc in gauges.items()
         }
+        # The engine's own counts (every prompt it took, every token it sampled, whatever
+        # became of the request): billing is checked against these.
+        engine_prompt = CounterMetricFamily(
+            "inferhub_engine_prompt_tokens", "Prompt tokens the engine took.", labels=["model"]
+        )
+        engine_generation = CounterMetricFamily(
+            "inferhub_engine_generation_tokens", "Tokens the engine sampled.", labels=["model"]
+        )
         for model, engine in self._engines().items():
             s = engine.stats()
             values = {
@@ -53,7 +61,11 @@ class _EngineCollector(Collector):
             }
             for name, value in values.items():
                 families[name].add_metric([model], float(value))
+            engine_prompt.add_metric([model], float(s.total_prompt_tokens))
+            engine_generation.add_metric([model], float(s.total_generation_tokens))
         yield from families.values()
+        yield engine_prompt
+        yield engine_generation
 
 
 class ServerMetrics:
