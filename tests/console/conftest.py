@@ -4,14 +4,8 @@ PostgreSQL where its binaries are installed), and for the browser tests one real
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,14 +14,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from console_helpers import ADMIN_KEY, Seed, free_port, seed_accounts, start_console_server
+from console_helpers import ADMIN_KEY, Seed, seed_accounts, start_console_server
 
 from inferhub.config import ServerConfig
 from inferhub.gateway.factory import create_gateway
 from inferhub.gateway.gateway import DatabaseGateway, GatewaySettings
 from inferhub.server.app import create_app
+from services import absent as _absent
+from services import postgres_server  # noqa: F401
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -42,67 +37,12 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "console"
 
 
-def _absent(what: str) -> None:
-    """Skip with the reason, except in CI, where a missing dependency is a failure."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} (CI must provide it)")
-    pytest.skip(what)
-
-
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
 
 
 # -- in process: the app on a real database ---------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """A throwaway PostgreSQL 15 cluster on a free loopback port; yields its base URL."""
-    if not (PG_BIN / "postgres").exists():
-        _absent(f"PostgreSQL binaries not found in {PG_BIN} (apt-get install postgresql-15)")
-    import psycopg
-
-    root = Path(tempfile.mkdtemp(prefix="inferhub-console-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-        shutil.chown(root, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data = root / "data"
-    initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]
-    subprocess.run(
-        [*as_user, *initdb, "-E", "UTF8", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    port = free_port()
-    args = [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port), "-c", "fsync=off"]
-    args += ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}"]
-    with open(root / "postgres.log", "wb") as log:
-        proc = subprocess.Popen([*as_user, *args], stdout=log, stderr=subprocess.STDOUT)
-    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                psycopg.connect(url).close()
-                break
-            except psycopg.OperationalError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((root / "postgres.log").read_text()) from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        pid_file = data / "postmaster.pid"
-        if pid_file.exists():
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
