@@ -7,7 +7,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ from typing import IO
 
 import httpx
 
+from services import free_port  # noqa: F401  (re-exported for the tests)
+
 ADMIN_KEY = "sk-console-test-admin-key-0123456789"
 MODEL = "SmolLM2-135M-Instruct"
 SERVE_ARGS = ["--kv-cache-memory", "256M", "--max-model-len", "2048"]
@@ -27,12 +28,6 @@ SERVE_ARGS = ["--kv-cache-memory", "256M", "--max-model-len", "2048"]
 INPUT_PRICE = 1_500_000
 OUTPUT_PRICE = 2_000_000
 LOGIN_HEADERS = {"X-Requested-With": "inferhub-console"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def expected_cost(prompt_tokens: int, completion_tokens: int) -> int:

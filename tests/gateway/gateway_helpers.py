@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import secrets
-import socket
 from typing import Any
 
 from inferhub.gateway import accounts
 from inferhub.gateway.gateway import DatabaseGateway, GatewaySettings
 from inferhub.gateway.records import AccountInfo, KeyLimits
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from services import free_port  # noqa: F401  (re-exported for the tests)
 
 
 def settings(**changes: Any) -> GatewaySettings:
