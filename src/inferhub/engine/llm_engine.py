@@ -48,8 +48,6 @@ class _Request:
     seqs: list[Sequence] = field(default_factory=list)
     detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
     generators: dict[int, torch.Generator | None] = field(default_factory=dict)
-    num_logprobs_sent: dict[int, int] = field(default_factory=dict)
-    num_finished: int = 0
 
 
 class LLMEngine:
@@ -162,7 +160,6 @@ class LLMEngine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed((req.params.seed * 1_000_003 + seq.index * 7_919) % (2**63))
         req.generators[seq.seq_id] = gen
-        req.num_logprobs_sent[seq.seq_id] = 0
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End every sequence of the request now and free its blocks."""
@@ -173,7 +170,6 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ABORT)
-                req.num_finished += 1
                 changed.append(seq)
         return self._request_output(req, changed, {}, {}, error=None)
 
@@ -228,7 +224,6 @@ class LLMEngine:
                 if not seq.is_finished:
                     self.scheduler.finish(seq, FinishReason.ERROR)
                 seq.finish_reason = FinishReason.ERROR
-            req.num_finished = len(req.seqs)
             outs.append(self._request_output(req, req.seqs, {}, {}, error=message))
         return outs
 
@@ -304,7 +299,6 @@ class LLMEngine:
             reason = self._check_stop(seq, token, detok)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-                req.num_finished += 1
             changed.setdefault(seq.request_id, []).append(seq)
         return [
             self._request_output(self._requests[rid], seqs, new_tokens, logprobs_by_seq, error=None)
