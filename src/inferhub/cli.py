@@ -278,6 +278,7 @@ def build_gatekeeper(config: ServerConfig, announce: Callable[[str], None] = pri
         admin_key=config.admin_key,
         settings=settings,
         announce=announce,
+        redis_failure="closed" if config.redis_failure == "closed" else "memory",
     )
 
 
@@ -348,6 +349,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         instance=args.instance or socket.gethostname() or "default",
         admin_key=os.environ.get("INFERHUB_ADMIN_KEY") or None,
+        redis_failure=args.redis_failure,
+        max_queued_requests=args.max_queued_requests,
+        request_timeout_s=args.request_timeout or None,
     )
     try:
         # The first start prints the admin key here, on stdout, just before the URL line.
@@ -418,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="redis://... to share rate limits between replicas (or INFERHUB_REDIS_URL)",
     )  # fmt: skip
     auth.add_argument(
+        "--redis-failure", choices=["memory", "closed"], default="memory",
+        help="while Redis is unreachable: keep rate limits per replica in memory (default) "
+        "or refuse requests with 503",
+    )  # fmt: skip
+    auth.add_argument(
         "--instance", metavar="NAME",
         help="this replica's name, unique among the replicas sharing a database and stable "
         "across its restarts (default: the host name)",
@@ -431,6 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="simple mode: no keys, no billing; anyone on this machine may call (loopback only)",
     )  # fmt: skip
     serve.add_argument("--max-body-bytes", type=_size, default=ServerConfig().max_body_bytes)
+    serve.add_argument(
+        "--max-queued-requests", type=int, default=ServerConfig().max_queued_requests,
+        metavar="N",
+        help="requests waiting for a model beyond N get 503 with Retry-After at once",
+    )  # fmt: skip
+    serve.add_argument(
+        "--request-timeout", type=float, default=ServerConfig().request_timeout_s,
+        metavar="SECONDS",
+        help="abort a request still running after this long (504; 0: no limit)",
+    )  # fmt: skip
     serve.add_argument(
         "--drain-timeout", type=int, default=30,
         help="seconds running requests get to finish at shutdown before they are aborted",

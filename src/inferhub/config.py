@@ -44,6 +44,12 @@ class ServerConfig:
     redis_url: str | None = field(default=None, repr=False)  # None: rate limits in memory
     instance: str = "default"  # this replica's name, unique among those sharing a database
     admin_key: str | None = field(default=None, repr=False)  # the first admin key, if given
+    redis_failure: str = "memory"  # while Redis is down: "memory" (per replica) or "closed" (503)
+    # Overload: requests waiting for an engine beyond this many are refused at once (503 with
+    # Retry-After) instead of timing out in the queue.
+    max_queued_requests: int = 256
+    # A request still running after this many seconds is aborted (504); None: no limit.
+    request_timeout_s: float | None = 600.0
 
 
 def env_api_keys() -> list[str]:

@@ -66,6 +66,7 @@ class FakeEngine:
         max_model_len: int = 256,
         endless: bool = False,
         fail_after: int | None = None,
+        hold: threading.Event | None = None,
     ) -> None:
         self.name = name
         self.reply = reply
@@ -73,6 +74,7 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.endless = endless
         self.fail_after = fail_after
+        self.hold = hold  # while set is False, requests wait (as in an engine's queue)
         self.tokenizer = FakeTokenizer()
         self.running: set[str] = set()
         self.aborted: list[str] = []
@@ -110,6 +112,8 @@ class FakeEngine:
         done: dict[int, str] = {}
         cap = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         try:
+            while self.hold is not None and not self.hold.is_set():
+                await asyncio.sleep(0.005)
             step = 0
             while len(done) < params.n:
                 await asyncio.sleep(self.delay)

@@ -67,6 +67,30 @@ def server_error(message: str, status: int = 500) -> APIError:
     return APIError(status, message, type="server_error", code=None)
 
 
+OVERLOAD_RETRY_AFTER_S = 2
+
+
+def overloaded(model: str, queued: int) -> APIError:
+    return APIError(
+        503,
+        f"The server is overloaded: {queued} requests are already waiting for `{model}`. "
+        "Please retry shortly.",
+        type="server_error",
+        code="server_overloaded",
+        headers={"retry-after": str(OVERLOAD_RETRY_AFTER_S)},
+    )
+
+
+def request_timeout(seconds: float) -> APIError:
+    return APIError(
+        504,
+        f"The request did not finish within the server's limit of {seconds:g} seconds and was "
+        "stopped; the tokens generated until then are billed.",
+        type="server_error",
+        code="request_timeout",
+    )
+
+
 def from_sampling_error(exc: SamplingParamsError) -> APIError:
     return APIError(400, exc.message, param=exc.param, code="invalid_value")
 

@@ -3,7 +3,14 @@ sub-requests (one per prompt) merged into one stream of choice outputs, the toke
 billing needs, disconnect detection (stream or not), SSE framing and metrics.
 
 The lifecycle, whatever happens: `admit_generation` (check, reserve) -> `collect()` or
-`sse()` -> `settle()` exactly once (completed, client_disconnected, error, shutdown).
+`sse()` -> `settle()` exactly once (completed, client_disconnected, error, timeout, shutdown).
+
+Overload and time limits: `admit_generation` refuses a request at once (503, Retry-After)
+when `max_queued_requests` requests already wait for the model's engine; a request still
+running `request_timeout_s` after it arrived is aborted (504, or an error event once its
+stream has started), and a stream whose client reads too slowly to take it in that time is
+cut. The engine never waits for a client: a slow reader's outputs wait in its own queue,
+which holds at most its `n * max_tokens` outputs.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 from inferhub.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from inferhub.engine.sampling_params import SamplingParams
 from inferhub.gateway.interface import Admission, Principal
-from inferhub.server.errors import as_api_error, server_error
+from inferhub.server.errors import APIError, as_api_error, overloaded, request_timeout, server_error
 from inferhub.server.responses import Usage
 from inferhub.server.state import ServerState, ServingEngine
 
@@ -35,6 +42,7 @@ log = logging.getLogger("inferhub.requests")
 T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
 ABORT_WAIT_S = 1.0  # how long cleanup waits for the engine to confirm an abort
+STREAM_GRACE_S = 5.0  # past the request timeout, for the error event to reach the client
 
 
 def sse(model: BaseModel) -> bytes:
@@ -96,6 +104,11 @@ class Generation:
         self._cached: dict[int, int] = {}  # prompt index -> cached prompt tokens
         self._open: set[int] = set(range(len(prompts)))  # prompts whose request still runs
         self._settled = False
+        self._queued = True  # counted in state.queued until its first engine output
+        timeout = state.config.request_timeout_s
+        self.timeout_s = timeout
+        self.deadline = None if timeout is None else arrival + timeout
+        self.timed_out = False
 
     # -- counts --------------------------------------------------------------------------------
     @property
@@ -104,6 +117,15 @@ class Generation:
 
     def usage(self) -> Usage:
         return Usage.of(self.prompt_tokens, self.completion_tokens, sum(self._cached.values()))
+
+    def _dequeue(self) -> None:
+        if self._queued:
+            self._queued = False
+            self.state.queued[self.model] -= 1
+
+    def _timeout_error(self) -> APIError:
+        self.timed_out = True
+        return request_timeout(self.timeout_s or 0.0)
 
     def sub_request_id(self, prompt_index: int) -> str:
         return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{prompt_index}"
@@ -157,7 +179,16 @@ class Generation:
         running = len(tasks)
         try:
             while running:
-                item = await queue.get()
+                if self.deadline is None:
+                    item = await queue.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(
+                            queue.get(), max(0.0, self.deadline - time.monotonic())
+                        )
+                    except TimeoutError:
+                        raise self._timeout_error() from None
+                self._dequeue()
                 if item is None:
                     running -= 1
                     continue
@@ -261,6 +292,7 @@ class Generation:
             yield DONE
             end_state = "completed"
         except Exception as exc:  # the stream has started: the error becomes an event
+            end_state = "timeout" if self.timed_out else "error"
             body = as_api_error(exc).body()
             yield b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n" + DONE
         except BaseException as exc:
@@ -276,6 +308,8 @@ class Generation:
 
     # -- the end ---------------------------------------------------------------------------------------
     def _end_state_of(self, exc: BaseException) -> str:
+        if self.timed_out:
+            return "timeout"
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             return "shutdown" if self.state.draining else "client_disconnected"
         return "error"
@@ -301,6 +335,7 @@ class Generation:
                 self._release(end_state, finish_reasons)
 
     def _release(self, end_state: str, finish_reasons: list[str]) -> None:
+        self._dequeue()
         e2e = time.monotonic() - self.arrival
         ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
         self.state.metrics.observe_request(
@@ -339,8 +374,23 @@ class GenerationStream(StreamingResponse):
         self._body = body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        generation = self.generation
         try:
-            await super().__call__(scope, receive, send)
+            if generation.deadline is None:
+                await super().__call__(scope, receive, send)
+            else:
+                # The engine side times out in events(); this cuts a client that reads too
+                # slowly to take the stream in (its sends wait on the socket).
+                with anyio.move_on_after(
+                    generation.deadline - time.monotonic() + STREAM_GRACE_S
+                ) as scope_:
+                    await super().__call__(scope, receive, send)
+                if scope_.cancelled_caught:
+                    generation.timed_out = True
+                    log.warning(
+                        "cut the stream of %s: its client read too slowly",
+                        self.generation.request_id,
+                    )
         finally:
             # A disconnect can leave the body suspended at a `yield` that Starlette never
             # closes: close it now (that aborts the engine requests), then settle if the body
@@ -390,6 +440,10 @@ async def admit_generation(
         raise server_error("The server is shutting down; no new requests are accepted.", 503)
     for prompt in prompts:
         engine.check_request(prompt, params)
+    queued = state.queued.get(engine.name, 0)
+    if queued >= state.config.max_queued_requests:
+        state.metrics.observe_overload(engine.name)
+        raise overloaded(engine.name, queued)
     max_completion = sum(
         params.n * (params.max_tokens or engine.max_model_len - len(p)) for p in prompts
     )
@@ -402,4 +456,5 @@ async def admit_generation(
     )
     state.in_flight += 1
     state.idle.clear()
+    state.queued[engine.name] = state.queued.get(engine.name, 0) + 1
     return Generation(state, engine, admission, prompts, params, user=user, arrival=arrival)

@@ -116,6 +116,12 @@ class ServerMetrics:
             ["model"],
             registry=r,
         )
+        self.overloaded = Counter(
+            "inferhub_overload_refusals",
+            "Requests refused with 503 because too many were already waiting for the model.",
+            ["model"],
+            registry=r,
+        )
         r.register(_EngineCollector(engines))
 
     def observe_request(
@@ -138,6 +144,9 @@ class ServerMetrics:
             per_choice = completion_tokens / max(1, num_choices)
             if per_choice > 1:
                 self.tpot.labels(model).observe((e2e - ttft) / (per_choice - 1))
+
+    def observe_overload(self, model: str) -> None:
+        self.overloaded.labels(model).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -90,6 +90,9 @@ class ServerState:
     draining: bool = False  # shutdown began: refuse new work, let running requests end
     in_flight: int = 0  # admitted requests not yet settled
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # Per model: admitted requests that have not had their first output from the engine yet
+    # (waiting in its queue or in prefill); bounded by config.max_queued_requests.
+    queued: dict[str, int] = field(default_factory=dict)
 
     def engine_for(self, model: str) -> ServingEngine:
         engine = self.engines.get(model)
