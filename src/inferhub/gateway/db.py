@@ -52,6 +52,32 @@ def resolve_url(database_url: str | None, data_dir: Path) -> str:
     return database_url
 
 
+# SQLite's primary result codes that mean "not now", not "wrong SQL": busy, locked, read-only,
+# I/O error, disk full, cannot open.
+_SQLITE_UNAVAILABLE = {5, 6, 8, 10, 13, 14}
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached or written now (server down, the
+    connection lost, disk full), as opposed to a bug or a constraint; SQLAlchemy's wrappers
+    and the drivers' own exceptions (the raw cursor path) alike."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig
+    elif isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _SQLITE_UNAVAILABLE
+    module = type(exc).__module__
+    if module.startswith("psycopg"):
+        import psycopg
+
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return isinstance(exc, ConnectionError)
+
+
 def redact_url(url: str) -> str:
     """The URL with any password masked, for messages."""
     return sa.make_url(url).render_as_string(hide_password=True)

@@ -16,6 +16,7 @@ from inferhub.gateway.accounts import (
     set_price,
 )
 from inferhub.gateway.db import Database, resolve_url
+from inferhub.gateway.failover import FailoverLimiter, FailureMode
 from inferhub.gateway.gateway import DatabaseGateway, GatewaySettings
 from inferhub.gateway.interface import GatewayError
 from inferhub.gateway.ratelimit import MemoryLimiter, RateLimiter
@@ -90,9 +91,11 @@ def create_gateway(
     admin_key: str | None = None,
     settings: GatewaySettings | None = None,
     announce: Callable[[str], None] = print,
+    redis_failure: FailureMode = "memory",
 ) -> DatabaseGateway:
     """The default gateway: migrate, bootstrap, pick the limiter. Call `await gw.start()` before
-    serving (crash recovery, heartbeat) and `await gw.close()` at shutdown."""
+        serving (crash recovery, heartbeat) and `await gw.close()` at shutdown. `redis_failure`
+    says what rate limits do while Redis is unreachable (see failover.py)."""
     db = open_database(database_url, data_dir)
     try:
         bootstrap(db, admin_key=admin_key, announce=announce)
@@ -103,5 +106,13 @@ def create_gateway(
         settings = GatewaySettings(
             tokens_flush_interval_s=REDIS_TOKENS_FLUSH_S if redis_url else 0.0
         )
-    limiter: RateLimiter = RedisLimiter(redis_url) if redis_url else MemoryLimiter()
+    limiter: RateLimiter = MemoryLimiter()
+    if redis_url:
+        import redis.exceptions
+
+        limiter = FailoverLimiter(
+            RedisLimiter(redis_url),
+            redis_failure,
+            unavailable=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError),
+        )
     return DatabaseGateway(db, limiter, settings)

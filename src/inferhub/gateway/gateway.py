@@ -6,6 +6,12 @@ rate limits run in memory or in Redis. A request in flight is tracked in memory 
 tokens so far) and checkpointed to its usage row every `checkpoint_interval_s`, so that a
 crash loses at most that much of its bill. `start()` recovers reservations left open by a
 previous crash; `close()` settles what is still in flight as "shutdown".
+
+While the database is unreachable (server down, connection lost, disk full) new requests are
+refused with 503 and `Retry-After`; a request that was already running is served to its end
+and its settlement is retried until the database answers again, so nothing served goes
+unbilled (if the process dies first, the next start's recovery closes it at its last
+checkpoint).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from inferhub.gateway import billing, recovery
 from inferhub.gateway.auth import lookup_secret, missing_key, principal_for_key
-from inferhub.gateway.db import Database
+from inferhub.gateway.db import Database, is_unavailable
 from inferhub.gateway.interface import Admission, GatewayError, Principal
 from inferhub.gateway.keys import parse_bearer
 from inferhub.gateway.ratelimit import RateLimiter
@@ -42,6 +48,25 @@ class GatewaySettings:
     stale_after_s: float = 60.0  # a replica silent this long has its reservations recovered
     record_refusals: bool = True  # a usage row also for requests refused by 403/429
     db_threads: int = 8
+    settle_wait_s: float = 5.0  # how long a response waits for its settlement to be written
+    settle_retry_max_s: float = 5.0  # the longest pause between retries of a settlement
+    close_timeout_s: float = 30.0  # how long close() waits for settlements still retrying
+
+
+DB_RETRY_AFTER_S = 5
+
+
+class DatabaseUnavailable(GatewayError):
+    """The gateway's database cannot be reached or written now; the request may be retried."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "The service's database is unavailable; please retry shortly.",
+            type="server_error",
+            code="database_unavailable",
+            headers={"retry-after": str(DB_RETRY_AFTER_S)},
+        )
 
 
 @dataclass
@@ -75,6 +100,7 @@ class DatabaseGateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
+        self._db_down = False  # one log line when the database goes away, one when it is back
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -100,14 +126,28 @@ class DatabaseGateway:
             await asyncio.gather(self._heartbeat, return_exceptions=True)
         for request_id, flight in list(self._in_flight.items()):
             admission = Admission(request_id, flight.principal, model="")
-            await self.settle(
-                admission,
-                prompt_tokens=flight.prompt_tokens if flight.completion_tokens else 0,
-                completion_tokens=flight.completion_tokens,
-                end_state="shutdown",
-                finish_reasons=[],
+            del self._in_flight[request_id]
+            self._spawn(
+                self._settle(
+                    admission,
+                    flight,
+                    flight.prompt_tokens if flight.completion_tokens else 0,
+                    flight.completion_tokens,
+                    "shutdown",
+                    [],
+                )
             )
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.close_timeout_s)
+            for task in pending:  # the database is still away: the next start recovers them
+                task.cancel()
+            if pending:
+                log.error(
+                    "%d settlements could not be written before shutdown; the next start "
+                    "recovers them from their last checkpoint",
+                    len(pending),
+                )
+            await asyncio.gather(*pending, return_exceptions=True)
         try:
             await self.call(recovery.forget_instance, self.db, self.settings.instance)
         except Exception:
@@ -117,9 +157,31 @@ class DatabaseGateway:
         self.db.close()
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a synchronous store function (accounts.*, usage.*) on the database threads."""
+        """Run a synchronous store function (accounts.*, usage.*) on the database threads;
+        DatabaseUnavailable (503) if the database cannot be reached."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+        return await self._guard(loop.run_in_executor(self._executor, partial(fn, *args, **kwargs)))
+
+    async def _guard(self, work: Awaitable[T]) -> T:
+        try:
+            result = await work
+        except Exception as exc:
+            if is_unavailable(exc):
+                self._database_down(exc)
+                raise DatabaseUnavailable() from exc
+            raise
+        self._database_up()
+        return result
+
+    def _database_down(self, exc: BaseException) -> None:
+        if not self._db_down:
+            self._db_down = True
+            log.error("the database is unavailable (%s); refusing new requests with 503", exc)
+
+    def _database_up(self) -> None:
+        if self._db_down:
+            self._db_down = False
+            log.warning("the database is reachable again")
 
     # -- the Gatekeeper protocol -----------------------------------------------------------
 
@@ -130,7 +192,13 @@ class DatabaseGateway:
         if self.db.is_sqlite:
             # One indexed read (~50 us); in WAL mode readers never wait for the writer, so
             # it costs the event loop less than the hop to a thread would.
-            return lookup_secret(self.db, secret)
+            try:
+                return lookup_secret(self.db, secret)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    self._database_down(exc)
+                    raise DatabaseUnavailable() from exc
+                raise
         return await self.call(lookup_secret, self.db, secret)
 
     async def admit(
@@ -158,6 +226,8 @@ class DatabaseGateway:
             )
         try:
             decision = await self.limiter.acquire(p.key_id, p.limits, request_id, prompt_tokens)
+        except GatewayError:
+            raise
         except Exception as exc:
             log.exception("rate limiter failed")
             raise GatewayError(503, "Rate limiter unavailable.", type="server_error") from exc
@@ -178,7 +248,7 @@ class DatabaseGateway:
             ),
         )
         try:
-            reservation = await asyncio.shield(future)
+            reservation = await self._guard(asyncio.shield(future))
         except asyncio.CancelledError:
             # The caller went away while the thread reserved: undo both once it has.
             self._spawn(self.limiter.release(p.key_id, p.limits, request_id, prompt_tokens))
@@ -222,7 +292,9 @@ class DatabaseGateway:
                 admission, flight, prompt_tokens, completion_tokens, end_state, finish_reasons
             )
         )
-        await asyncio.shield(task)  # a cancelled caller does not cancel the settlement
+        # The caller (a response) waits for the usage row a little, not for a database outage;
+        # the task goes on retrying, and a cancelled caller does not cancel it.
+        await asyncio.wait({task}, timeout=self.settings.settle_wait_s)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -263,6 +335,8 @@ class DatabaseGateway:
         try:
             await self.call(billing.checkpoint, self.db, request_id, tokens)
             await self.limiter.touch(p.key_id, p.limits, request_id)
+        except DatabaseUnavailable:
+            pass  # logged once for the outage; the settlement is retried
         except Exception:
             log.exception("could not checkpoint request %s", request_id)
 
@@ -276,19 +350,27 @@ class DatabaseGateway:
         finish_reasons: list[str],
     ) -> None:
         request_id = admission.request_id
-        try:
-            await self.call(
-                billing.settle,
-                self.db,
-                request_id,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                end_state=end_state,
-                finish_reasons=finish_reasons,
-            )
-        except Exception:
-            # Left open: the next start (or another replica's sweep) recovers it.
-            log.exception("could not settle request %s", request_id)
+        pause = 0.25
+        while True:
+            try:
+                await self.call(
+                    billing.settle,
+                    self.db,
+                    request_id,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    end_state=end_state,
+                    finish_reasons=finish_reasons,
+                )
+                break
+            except DatabaseUnavailable:
+                # Idempotent (it closes only an open row): retry until the database is back.
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, self.settings.settle_retry_max_s)
+            except Exception:
+                # Left open: the next start (or another replica's sweep) recovers it.
+                log.exception("could not settle request %s", request_id)
+                break
         if flight is None:
             return
         p = flight.principal
@@ -326,5 +408,7 @@ class DatabaseGateway:
                     stale_after_s=s.stale_after_s,
                     include_own=False,
                 )
+            except DatabaseUnavailable:
+                pass  # logged once for the outage
             except Exception:
                 log.exception("gateway upkeep failed")

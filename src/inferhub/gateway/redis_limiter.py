@@ -103,7 +103,8 @@ class RedisLimiter:
     def __init__(
         self, url: str, *, namespace: str = "inferhub:ratelimit", lease_s: int = 900
     ) -> None:
-        self._redis: Redis = Redis.from_url(url)
+        # Short timeouts: an unreachable Redis must fail fast (failover.py decides what then).
+        self._redis: Redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         self._namespace = namespace
         self._lease_s = lease_s
         self._acquire = self._redis.register_script(_ACQUIRE)
