@@ -36,6 +36,16 @@ from inferhub.server.console.sessions import has_session_cookie, session_caller
 
 T = TypeVar("T")
 
+# Bounds on integers that are stored in the database (64-bit columns). Money is bounded well
+# inside int64 so that balances and costs summed from many such values still fit; a larger
+# value is a 400 instead of an overflow (a 500) in the database driver.
+MAX_MICROS = 10**15  # a billion currency units
+MAX_DB_INT = 2**63 - 1
+Micros = Annotated[int, Field(ge=-MAX_MICROS, le=MAX_MICROS)]
+PositiveMicros = Annotated[int, Field(ge=0, le=MAX_MICROS)]
+Limit = Annotated[int | None, Field(default=None, ge=1, le=MAX_DB_INT)]
+Offset = Annotated[int, Query(ge=0, le=MAX_DB_INT)]
+
 
 # -- dependencies ------------------------------------------------------------------------------
 
@@ -96,10 +106,10 @@ class _Body(BaseModel):
 
 class AccountCreate(_Body):
     name: str = Field(min_length=1, max_length=200)
-    email: str | None = Field(default=None, max_length=320)
+    email: str | None = Field(default=None, min_length=1, max_length=320)
     role: Literal["admin", "user"] = "user"
     password: str | None = Field(default=None, min_length=8, max_length=1000)
-    credit_micros: int = Field(default=0, ge=0)
+    credit_micros: PositiveMicros = 0
 
 
 class PasswordSet(_Body):
@@ -107,7 +117,7 @@ class PasswordSet(_Body):
 
 
 class CreditAdd(_Body):
-    amount_micros: int
+    amount_micros: Micros
     note: str = Field(default="", max_length=500)
     kind: Literal["credit", "adjustment"] = "credit"
 
@@ -115,10 +125,10 @@ class CreditAdd(_Body):
 class KeyCreate(_Body):
     name: str = Field(default="", max_length=200)
     allowed_models: list[str] = Field(default_factory=list)
-    rpm_limit: int | None = Field(default=None, ge=1)
-    tpm_limit: int | None = Field(default=None, ge=1)
-    concurrency_limit: int | None = Field(default=None, ge=1)
-    spend_cap_micros: int | None = Field(default=None, ge=0)
+    rpm_limit: Limit = None
+    tpm_limit: Limit = None
+    concurrency_limit: Limit = None
+    spend_cap_micros: PositiveMicros | None = None
     expires_at: datetime | None = None
 
     def limits(self) -> KeyLimits:
@@ -126,8 +136,8 @@ class KeyCreate(_Body):
 
 
 class PriceSet(_Body):
-    input_micros_per_mtok: int = Field(ge=0)
-    output_micros_per_mtok: int = Field(ge=0)
+    input_micros_per_mtok: PositiveMicros
+    output_micros_per_mtok: PositiveMicros
 
 
 class Deleted(BaseModel):
@@ -285,7 +295,7 @@ def admin_router() -> APIRouter:
         query: UsageQueryDep,
         account: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> Page[UsageRecord]:
         f = await _admin_filter(gw, query, account)
         return Page(data=await gw.call(list_usage, gw.db, f, limit=limit, offset=offset))

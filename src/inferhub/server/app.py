@@ -22,7 +22,7 @@ from inferhub.server.admin import admin_router
 from inferhub.server.console.routes import console_router
 from inferhub.server.dashboard import dashboard_router
 from inferhub.server.errors import install_error_handlers, server_error
-from inferhub.server.limits import BodyLimit
+from inferhub.server.limits import BodyLimit, UnicodeGuard
 from inferhub.server.metrics import CONTENT_TYPE, RequestCounter, ServerMetrics
 from inferhub.server.state import ServerState, ServingEngine, StateDep
 
@@ -101,6 +101,7 @@ def create_app(
     )
     app.state.server = state
     install_error_handlers(app)
+    app.add_middleware(UnicodeGuard)  # inside BodyLimit: sees only bodies within the limit
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestCounter, metrics=state.metrics)
 

@@ -27,6 +27,7 @@ from inferhub.server.admin import (
     CallerDep,
     GatewayDep,
     KeyCreate,
+    Offset,
     Page,
     UsageQuery,
     UsageQueryDep,
@@ -112,7 +113,7 @@ def dashboard_router() -> APIRouter:
         caller: CallerDep,
         query: UsageQueryDep,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> Page[UsageRecord]:
         f = _filter(caller.account_id, query)
         return Page(data=await gw.call(list_usage, gw.db, f, limit=limit, offset=offset))

@@ -23,6 +23,8 @@ from inferhub.engine.sampling_params import (
 
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API allows at most 5
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# top_k becomes an int64 tensor in the sampler; anything above a vocabulary size means "off".
+MAX_TOP_K = 2**31 - 1
 _TOKEN_ID = re.compile(r"^[0-9]+$")
 
 Temperature = Annotated[float | None, Field(ge=0.0, le=2.0)]
@@ -172,7 +174,7 @@ class _SamplingFields(StrictModel):
     seed: Seed = None
     user: str | None = None
     # inferhub (and vLLM) extensions; the openai client sends them through `extra_body`.
-    top_k: Annotated[int | None, Field(ge=0)] = None
+    top_k: Annotated[int | None, Field(ge=0, le=MAX_TOP_K)] = None
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     ignore_eos: bool | None = None
 
