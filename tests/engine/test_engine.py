@@ -12,6 +12,7 @@ import torch
 
 from inferhub.engine.errors import PromptTooLongError
 from inferhub.engine.llm import LLM
+from inferhub.engine.outputs import RequestOutput
 from inferhub.engine.sampling_params import SamplingParams, SamplingParamsError
 from inferhub.engine.scheduler import SchedulerOutput
 
@@ -253,6 +254,40 @@ def test_an_engine_error_fails_only_its_batch(
     assert outs[0].outputs[0].finish_reason == "error"
     assert eng.block_manager.num_used_blocks == 0
     assert len(llm.generate([[5, 6, 7]], greedy(4))[0][0].token_ids) == 4
+
+
+def test_an_engine_error_spares_the_requests_outside_the_failed_batch(
+    tiny_hf: dict[str, Path], make_llm: Callable[..., LLM]
+) -> None:
+    llm = make_llm(tiny_hf["qwen2"], max_num_seqs=2)
+    eng = llm.engine
+    expected = tokens(llm, [[9, 10, 11]], greedy(6))[0]  # what the spared request must get
+    original = eng.runner.execute
+    calls = {"n": 0}
+
+    def flaky(out: SchedulerOutput, sample: list[int]) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 3:  # a decode step of the two running requests
+            assert sorted({s.request_id for s in out.seqs}) == ["a", "b"]
+            raise RuntimeError("boom")
+        return original(out, sample)
+
+    eng.runner.execute = flaky  # type: ignore[method-assign]
+    eng.add_request("a", [5, 6, 7], greedy(6))
+    eng.add_request("b", [6, 7, 8], greedy(6))
+    eng.add_request("c", [9, 10, 11], greedy(6))  # waits: max_num_seqs=2
+    finished: dict[str, RequestOutput] = {}
+    got: dict[str, list[int]] = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids_delta)
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished["a"].error is not None and "boom" in finished["a"].error
+    assert finished["b"].error is not None
+    assert finished["c"].error is None  # not in the failed batch: served in full
+    assert got["c"] == expected
+    assert eng.block_manager.num_used_blocks == 0
 
 
 def test_bad_model_paths(tmp_path: Path) -> None:
