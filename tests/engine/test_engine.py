@@ -290,6 +290,30 @@ def test_an_engine_error_spares_the_requests_outside_the_failed_batch(
     assert eng.block_manager.num_used_blocks == 0
 
 
+def test_a_sampler_error_fails_its_batch_and_the_engine_goes_on(
+    tiny_hf: dict[str, Path], make_llm: Callable[..., LLM]
+) -> None:
+    llm = make_llm(tiny_hf["qwen2"])
+    eng = llm.engine
+    original = eng.sampler
+    calls = {"n": 0}
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("sampler boom")
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    eng.sampler = flaky  # type: ignore[assignment]
+    eng.add_request("a", [5, 6, 7], greedy(4, n=2))  # forked children are failed too
+    outs = [o for _ in range(3) for o in eng.step()]
+    failed = [o for o in outs if o.finished]
+    assert len(failed) == 1 and failed[0].error is not None and "sampler boom" in failed[0].error
+    assert all(c.finish_reason == "error" for c in failed[0].outputs)
+    assert eng.block_manager.num_used_blocks == 0 and not eng.has_unfinished_requests()
+    assert len(llm.generate([[5, 6, 7]], greedy(4))[0][0].token_ids) == 4
+
+
 def test_bad_model_paths(tmp_path: Path) -> None:
     from inferhub.config import EngineConfig
     from inferhub.models.config import UnsupportedModelError

@@ -211,7 +211,11 @@ class LLMEngine:
             log.exception("engine step failed")
             return outputs + self._fail(list(sched.seqs), f"engine error: {exc}")
         self.scheduler.update_after_step(sched)
-        outputs.extend(self._postprocess(sched, sample_idx, logits))
+        try:
+            outputs.extend(self._postprocess(sched, sample_idx, logits))
+        except Exception as exc:  # sampling or detokenizing failed: the same, for this batch
+            log.exception("engine step failed after the forward pass")
+            return outputs + self._fail(list(sched.seqs), f"engine error: {exc}")
         return outputs
 
     def _fail(self, seqs: list[Sequence], message: str) -> list[RequestOutput]:
