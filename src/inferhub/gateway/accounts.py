@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from inferhub.gateway.db import Database, utcnow
 from inferhub.gateway.interface import GatewayError
-from inferhub.gateway.keys import generate_key, hash_key, new_id, visible_prefix
+from inferhub.gateway.keys import generate_key, hash_key, new_id, redact_keys, visible_prefix
 from inferhub.gateway.records import (
     AccountInfo,
     CreatedKey,
@@ -32,7 +32,7 @@ DEFAULT_PRICE_MODEL = "*"
 
 
 def _not_found(what: str, ref: str) -> GatewayError:
-    return GatewayError(404, f"No such {what}: {ref}", code="not_found")
+    return GatewayError(404, f"No such {what}: {redact_keys(ref)}", code="not_found")
 
 
 def account_from_row(row: Any) -> AccountInfo:

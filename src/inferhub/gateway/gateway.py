@@ -56,6 +56,13 @@ class GatewaySettings:
 DB_RETRY_AFTER_S = 5
 
 
+def _is_bad_value(exc: BaseException) -> bool:
+    """Whether the database refused a value the caller sent (PostgreSQL: a NUL character in
+    text, text longer than its column), SQLAlchemy's wrapper and the driver's own alike."""
+    orig = getattr(exc, "orig", None) or exc
+    return any(cls.__name__ == "DataError" for cls in type(orig).__mro__)
+
+
 class DatabaseUnavailable(GatewayError):
     """The gateway's database cannot be reached or written now; the request may be retried."""
 
@@ -169,6 +176,13 @@ class DatabaseGateway:
             if is_unavailable(exc):
                 self._database_down(exc)
                 raise DatabaseUnavailable() from exc
+            if _is_bad_value(exc):
+                raise GatewayError(
+                    400,
+                    "A value in the request cannot be stored or searched for (a NUL character, "
+                    "or text longer than the field allows).",
+                    code="invalid_value",
+                ) from None  # the driver's message quotes the statement and its parameters
             raise
         self._database_up()
         return result

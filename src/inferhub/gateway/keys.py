@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 KEY_PREFIX = "sk-"
 KEY_RANDOM_BYTES = 32
 VISIBLE_CHARS = 8  # of the random part, shown in listings: "sk-AbCd1234"
+_KEY_SHAPED = re.compile(re.escape(KEY_PREFIX) + "[A-Za-z0-9_-]{" + str(VISIBLE_CHARS + 1) + ",}")
 
 
 def generate_key() -> str:
@@ -32,6 +34,12 @@ def visible_prefix(key: str) -> str:
     """The part of a key that may be shown and logged, e.g. `sk-AbCd1234`."""
     head = KEY_PREFIX if key.startswith(KEY_PREFIX) else ""
     return head + key[len(head) : len(head) + VISIBLE_CHARS]
+
+
+def redact_keys(text: str) -> str:
+    """`text` with anything shaped like a key cut to its visible prefix, for messages that
+    quote what a caller sent (a key pasted where an id belongs)."""
+    return _KEY_SHAPED.sub(lambda m: visible_prefix(m.group(0)) + "...", text)
 
 
 def parse_bearer(authorization: str | None) -> str | None:

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from inferhub.gateway import accounts as account_store
 from inferhub.gateway.db import Database, utcnow
 from inferhub.gateway.interface import GatewayError
+from inferhub.gateway.keys import hashes_equal
 from inferhub.gateway.records import CreatedKey, aware
 from inferhub.gateway.schema import accounts, console_sessions
 
@@ -102,7 +103,7 @@ def find_session(
     now = utcnow()
     with db.read() as conn:
         row = conn.execute(_select().where(console_sessions.c.id == sid)).first()
-    if row is None:
+    if row is None or not hashes_equal(row._mapping["id"], sid):  # found by hash, then compared
         return None
     m = row._mapping
     if m["expires_at"] <= now or m["last_seen_at"] + idle_timeout <= now or m["disabled_at"]:
