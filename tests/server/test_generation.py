@@ -47,7 +47,7 @@ def test_engine_error_settles_once(gatekeeper: RecordingGatekeeper) -> None:
     assert [s.completion_tokens for s in gatekeeper.settled] == [3, 3]
 
 
-def running_gone(engine: FakeEngine, timeout: float = 1.0) -> bool:
+def running_gone(engine: FakeEngine, timeout: float = 3.0) -> bool:
     deadline = time.monotonic() + timeout
     while engine.running and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -113,6 +113,8 @@ class AsyncEngine:
     async def abort_and_wait(self, request_id: str) -> RequestOutput | None:
         """Abort and wait for the engine to do it; returns the final output (with the exact
         number of tokens generated per choice) or None if the request had already ended."""
+        if not self.is_running:
+            raise EngineDeadError(f"the engine of {self.name} is not running")
         fut: asyncio.Future[RequestOutput | None] = asyncio.get_running_loop().create_future()
         self._inbox.put(_Abort(request_id, fut))
         return await fut

@@ -41,7 +41,7 @@ log = logging.getLogger("inferhub.requests")
 
 T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
-ABORT_WAIT_S = 1.0  # how long cleanup waits for the engine to confirm an abort
+ABORT_WAIT_S = 10.0  # how long cleanup waits for the engine to confirm an abort (one step)
 STREAM_GRACE_S = 5.0  # past the request timeout, for the error event to reach the client
 
 
@@ -221,6 +221,7 @@ class Generation:
             self.engine, "abort_and_wait", None
         )
         new_tokens = 0
+        confirmed = abort_and_wait is not None
         for prompt_index in sorted(self._open):
             if abort_and_wait is None:
                 break
@@ -229,9 +230,15 @@ class Generation:
                     abort_and_wait(self.sub_request_id(prompt_index)), ABORT_WAIT_S
                 )
             except (TimeoutError, RuntimeError):
-                continue  # the engine is gone; the tokens seen so far are what we know
+                confirmed = False  # the engine is gone; the tokens seen so far are what we know
+                continue
             if final is not None:
                 new_tokens += self._absorb(prompt_index, final)[1]
+        if confirmed:
+            # The engine has handed over every output of these requests (a request that ended
+            # just before its abort included): let the pumps read them to their final output
+            # rather than drop what they have not read yet.
+            await asyncio.wait(tasks, timeout=ABORT_WAIT_S)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
