@@ -116,6 +116,10 @@ def test_unknown_path_and_method(url: str) -> None:
         == "Invalid URL (GET /v1/nothing)"
     )
     error(httpx.get(url + "/v1/chat/completions", headers=AUTH), 405)
+    # A key pasted into a path is never quoted back whole.
+    secret = "sk-" + "a1B2c3D4" * 6
+    message = error(httpx.get(url + "/v1/" + secret, headers=AUTH), 404)["message"]
+    assert secret not in message and message.startswith("Invalid URL (GET /v1/sk-")
 
 
 def test_gateway_refusal_passes_through(

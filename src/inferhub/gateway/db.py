@@ -94,6 +94,7 @@ class Database:
             self.engine = sa.create_engine(
                 url,
                 connect_args={"timeout": 30, "check_same_thread": False},
+                hide_parameters=True,  # errors and logs never quote values (keys, tokens)
                 pool_size=pool_size,
                 max_overflow=pool_size,
             )
@@ -101,7 +102,11 @@ class Database:
             sa.event.listen(self.engine, "begin", _sqlite_on_begin)
         else:
             self.engine = sa.create_engine(
-                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+                url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+                hide_parameters=True,  # errors and logs never quote values (keys, tokens)
             )
 
     @contextmanager

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inferhub.engine.errors import EngineDeadError, PromptTooLongError
 from inferhub.engine.sampling_params import SamplingParamsError
 from inferhub.gateway.interface import GatewayError
+from inferhub.gateway.keys import redact_keys
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class APIError(Exception):
 def error_body(
     message: str, type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
+    # A message may quote what the caller sent (a path, a value): never a whole key.
+    message = redact_keys(message)
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
