@@ -111,6 +111,22 @@ def test_sampling_follows_the_distribution() -> None:
     assert abs(share - 0.7) < 0.05
 
 
+def test_each_row_follows_its_own_distribution_and_cut_tokens_never_come() -> None:
+    rows = [
+        [0.0, 0.0, 0.5, 0.5] + [0.0] * (V - 4),  # leading and trailing zeros after top_k
+        [0.9, 0.1] + [0.0] * (V - 2),
+        [0.0] * (V - 1) + [1.0],  # only the last token
+    ]
+    logits = torch.log(torch.tensor(rows)).repeat(300, 1)  # log 0 = -inf: never drawn
+    params = [SamplingParams(temperature=1.0)] * logits.shape[0]
+    tokens = torch.tensor(sample(logits, params)).view(300, 3)
+    assert set(tokens[:, 0].tolist()) == {2, 3}
+    assert abs((tokens[:, 0] == 2).float().mean().item() - 0.5) < 0.1
+    assert set(tokens[:, 1].tolist()) == {0, 1}
+    assert abs((tokens[:, 1] == 0).float().mean().item() - 0.9) < 0.06
+    assert set(tokens[:, 2].tolist()) == {V - 1}
+
+
 def test_low_temperature_sharpens() -> None:
     logits = torch.log(torch.tensor([[0.6, 0.4] + [1e-12] * (V - 2)]))
     tokens = [sample(logits, [SamplingParams(temperature=0.05)])[0] for _ in range(200)]

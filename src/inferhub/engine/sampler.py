@@ -151,6 +151,28 @@ def apply_top_k_top_p_min_p(probs: torch.Tensor, batch: SamplingBatch) -> torch.
     return torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
 
 
+def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row from (unnormalized) probabilities, by inverse transform: one uniform
+    number per row against the row's cumulative sum (in float64). An exponential race needs a
+    random number per vocabulary entry, and `torch.multinomial` costs as much on the CPU:
+    about 22 ms for 16 rows of 49k, 18% of a decode step, against 0.5 ms here. A seeded row
+    draws its number from its own generator, so its token never depends on the rows beside
+    it; the unseeded rows share one call."""
+    n = probs.shape[0]
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    u = torch.empty(n, 1, dtype=torch.float64, device=probs.device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded) == n:
+        u.uniform_()
+    else:
+        for row, gen in enumerate(generators):
+            u[row].uniform_(generator=gen)  # gen None: the default generator
+    # The first entry whose cumulative sum exceeds u * total: zero-probability entries (cut by
+    # top-p/top-k, banned) can never be drawn.
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    return tokens.clamp_(max=probs.shape[1] - 1)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: (N, V) in the model's dtype. Returns one token id per row."""
@@ -173,15 +195,7 @@ class Sampler:
             temps = batch.temperatures.clamp(min=1e-5).unsqueeze(1)
             probs = torch.softmax(logits / temps, dim=-1)
             probs = apply_top_k_top_p_min_p(probs, batch)
-            noise = torch.empty_like(probs)
-            seeded = [g is not None for g in batch.generators]
-            if not all(seeded):
-                noise.exponential_()
-            for row, gen in enumerate(batch.generators):
-                if gen is not None:
-                    noise[row].exponential_(generator=gen)
-            noise.clamp_(min=1e-20)
-            sampled = (probs / noise).argmax(dim=-1)  # the exponential race = a multinomial draw
+            sampled = _draw(probs, batch.generators)
             tokens = torch.where(batch.temperatures == 0.0, greedy_tokens, sampled)
         token_list: list[int] = tokens.tolist()
         if raw_logprobs is None or batch.max_logprobs is None:
