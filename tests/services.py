@@ -158,3 +158,25 @@ def redis_server() -> Iterator[str]:
         yield instance.url
     finally:
         instance.stop()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    """A cluster of the test's own, to stop and start under load (fault tests)."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisInstance]:
+    """A redis-server of the test's own, to stop and start (fault tests)."""
+    instance = RedisInstance()
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()

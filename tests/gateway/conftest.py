@@ -13,7 +13,7 @@ from gateway_helpers import settings
 
 from inferhub.gateway.factory import create_gateway
 from inferhub.gateway.gateway import DatabaseGateway
-from services import postgres_server, redis_server  # noqa: F401
+from services import own_postgres, own_redis, postgres_server, redis_server  # noqa: F401
 
 
 @pytest.fixture

@@ -64,17 +64,6 @@ def assert_unavailable(error: GatewayError, code: str) -> None:
 # -- PostgreSQL ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresCluster]:
-    """A cluster of this test's own, to stop and start."""
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
-
-
 async def test_postgresql_down_mid_run_refuses_with_503_and_bills_what_was_served(
     own_postgres: PostgresCluster, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -156,16 +145,6 @@ async def test_postgresql_down_at_shutdown_leaves_the_reservation_to_recovery(
 
 
 # -- Redis -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisInstance]:
-    instance = RedisInstance()
-    try:
-        instance.start()
-        yield instance
-    finally:
-        instance.stop()
 
 
 async def test_redis_down_falls_back_to_memory_limits_with_one_log_line(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,16 +18,6 @@ from test_e2e_server import COUNT, auth, error_of, post
 from services import PostgresCluster
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 def test_postgresql_stopped_mid_stream(tmp_path: Path, own_postgres: PostgresCluster) -> None:
