@@ -17,3 +17,10 @@ if "TRITON_INTERPRET" not in os.environ:
         pass
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# One cache of converted GGUF tokenizers for the whole run (servers started as subprocesses
+# inherit it), never the user's own ~/.cache.
+if "INFERHUB_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["INFERHUB_CACHE_DIR"] = tempfile.mkdtemp(prefix="inferhub-test-cache-")

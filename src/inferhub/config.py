@@ -55,3 +55,14 @@ class ServerConfig:
 def env_api_keys() -> list[str]:
     raw = os.environ.get("INFERHUB_API_KEYS", "")
     return [k.strip() for k in raw.split(",") if k.strip()]
+
+
+def cache_dir() -> Path | None:
+    """Where derived files are cached (tokenizers converted from GGUF files):
+    INFERHUB_CACHE_DIR, else $XDG_CACHE_HOME/inferhub or ~/.cache/inferhub; None when
+    INFERHUB_CACHE_DIR is set to an empty string (no cache)."""
+    configured = os.environ.get("INFERHUB_CACHE_DIR")
+    if configured is not None:
+        return Path(configured) if configured else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "inferhub"

@@ -279,6 +279,55 @@ def test_token_bytes_sentencepiece_byte_fallback() -> None:
 
 
 # -- errors ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_tokenizer_is_cached_and_the_same(
+    tiny: dict[str, Path], arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import transformers
+
+    path = tmp_path / "model.gguf"
+    shutil.copy(tiny[arch], path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("INFERHUB_CACHE_DIR", str(cache))
+    fresh = Tokenizer.from_gguf(str(path))
+    assert len(list((cache / "tokenizers").iterdir())) == 1
+
+    conversions: list[object] = []
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("gguf_file"):
+            conversions.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    cached = Tokenizer.from_gguf(str(path))
+    assert conversions == []  # read from the cache, not converted again
+    assert (cached.vocab_size, cached.bos_token_id, cached.eos_token_ids) == (
+        fresh.vocab_size, fresh.bos_token_id, fresh.eos_token_ids,
+    )  # fmt: skip
+    special = "<|im_start|>user\nhi<|im_end|>"
+    for text in [*PROMPTS, special]:
+        assert cached.encode(text) == fresh.encode(text)
+        assert cached.encode(text, split_special_tokens=True) == fresh.encode(
+            text, split_special_tokens=True
+        )
+    ids = list(range(fresh.vocab_size))
+    assert [cached.token_bytes(i) for i in ids] == [fresh.token_bytes(i) for i in ids]
+    assert cached.decode(ids) == fresh.decode(ids)
+    assert cached.apply_chat_template(CHAT) == fresh.apply_chat_template(CHAT)
+
+    os.utime(path, ns=(1, 1))  # a changed file is converted again, under a new key
+    Tokenizer.from_gguf(str(path))
+    assert len(conversions) == 1 and len(list((cache / "tokenizers").iterdir())) == 2
+
+    monkeypatch.setenv("INFERHUB_CACHE_DIR", "")  # an empty setting turns the cache off
+    Tokenizer.from_gguf(str(path))
+    assert len(conversions) == 2 and len(list((cache / "tokenizers").iterdir())) == 2
+
+
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load(tmp_path / "nope")
