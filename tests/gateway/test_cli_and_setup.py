@@ -14,6 +14,7 @@ from inferhub.gateway import accounts, auth
 from inferhub.gateway.cli import main
 from inferhub.gateway.db import VERSION_TABLE
 from inferhub.gateway.factory import create_gateway, open_database
+from inferhub.gateway.interface import GatewayError
 from inferhub.gateway.schema import metadata
 
 pytestmark = pytest.mark.anyio
@@ -147,3 +148,21 @@ def test_console_passwords_are_argon2_hashes(database_url: str | None, data_dir:
         assert auth.verify_login(db, "carol", "correct horse battery") is None
     finally:
         db.close()
+
+
+def test_an_empty_email_is_refused_on_every_path(
+    database_url: str | None, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = open_database(database_url, data_dir)
+    try:
+        accounts.create_account(db, "first", email=None)
+        for email in ("", "  "):
+            with pytest.raises(GatewayError) as info:
+                accounts.create_account(db, f"x{len(email)}", email=email)
+            assert (info.value.status, info.value.param) == (400, "email")
+        accounts.create_account(db, "second", email=None)  # no email at all stays fine
+    finally:
+        db.close()
+    argv = ["admin", "create-account", "y", "--email", "", *db_args(database_url, data_dir)]
+    assert main(argv) != 0
+    assert "email must not be empty" in capsys.readouterr().err

@@ -82,6 +82,10 @@ def create_account(
     name = name.strip()
     if not name:
         raise GatewayError(400, "An account needs a name.", param="name")
+    if email is not None and not email.strip():
+        raise GatewayError(
+            400, "The email must not be empty (leave it out instead).", param="email"
+        )
     if role not in ROLES:
         raise GatewayError(400, f"role must be one of {ROLES}", param="role")
     with db.write() as conn:
