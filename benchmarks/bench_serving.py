@@ -51,16 +51,21 @@ def make_prompts(n: int, input_len: int, seed: int) -> list[list[int]]:
 
 
 async def one_request(
-    client: httpx.AsyncClient, args: argparse.Namespace, prompt: list[int]
+    client: httpx.AsyncClient, args: argparse.Namespace, prompt: list[int] | str
 ) -> RequestResult:
     body = {
         "model": args.model, "prompt": prompt, "max_tokens": args.output_len,
         "temperature": args.temperature, "ignore_eos": True, "stream": True,
         "stream_options": {"include_usage": True},
+        **(getattr(args, "extra_body", None) or {}),
     }  # fmt: skip
     start = time.perf_counter()
     result = RequestResult(ok=False)
     last = None
+    # Servers that send no usage chunk (llama_cpp.server): count the text chunks, one per token,
+    # or max_tokens when the request finished on its length.
+    chunks = 0
+    finish = None
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -77,13 +82,18 @@ async def one_request(
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     result.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
+                    finish = chunk["choices"][0]["finish_reason"]
                 if chunk["choices"] and chunk["choices"][0]["text"]:
+                    chunks += 1
                     if last is None:
                         result.ttft = now - start
                     else:
                         result.itl.append(now - last)
                     last = now
         result.latency = time.perf_counter() - start
+        if not result.output_tokens:
+            result.output_tokens = args.output_len if finish == "length" else chunks
         result.ok = result.output_tokens > 0
     except httpx.HTTPError as exc:
         result.error = repr(exc)
@@ -91,14 +101,14 @@ async def one_request(
 
 
 async def run_serving(
-    args: argparse.Namespace, prompts: list[list[int]]
+    args: argparse.Namespace, prompts: list[list[int]] | list[str]
 ) -> tuple[list[RequestResult], float]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     async with httpx.AsyncClient(
         base_url=args.base_url, headers=headers, timeout=None, limits=limits
     ) as client:
-        warm = await one_request(client, args, prompts[0][:16])
+        warm = await one_request(client, args, prompts[0][:16])  # 16 tokens or characters
         if not warm.ok:
             raise SystemExit(f"warm-up request failed: {warm.error}")
         gate = asyncio.Semaphore(args.concurrency)
@@ -246,6 +256,12 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, help="engine batch size (default: --concurrency)")
     p.add_argument("--kv-cache-memory", default=None, help="e.g. 1G (--launch/--offline)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--extra-body",
+        type=json.loads,
+        default=None,
+        help='JSON merged into every request, e.g. \'{"logit_bias": {"2": -100}}\'',
+    )
     p.add_argument("--output", type=Path, help="JSON path (default: benchmarks/results/...)")
     args = p.parse_args()
     if args.model is None or args.model_path is None:
