@@ -633,18 +633,19 @@ def run_worker(engine: str, spec: dict[str, Any], resume: bool) -> dict[str, Any
         saved = json.loads(out_path.read_text())
         if saved.get("spec") == spec and "result" in saved:
             log(f"{engine}: reusing {out_path}")
-            return dict(saved["result"])
+            return {**saved["result"], "reused": True}
     spec_path = PARTS / "spec.json"
     spec_path.write_text(json.dumps(spec))
     threads = spec["threads"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, __file__, "--worker", engine, "--spec", str(spec_path)]
     cmd += ["--result", str(out_path)]
+    t0 = time.time()
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         log(f"{engine} failed (exit {rc}); going on without it")
         return {"error": f"worker exited with {rc}"}
-    result = json.loads(out_path.read_text())
+    result = {**json.loads(out_path.read_text()), "seconds": time.time() - t0}
     out_path.write_text(json.dumps({"spec": spec, "result": result}))
     return dict(result)
 
@@ -730,7 +731,7 @@ def main() -> None:
         t0 = time.time()
         log(f"{engine} ...")
         report["engines"][engine] = run_worker(engine, spec, args.resume)
-        timings[engine] = time.time() - t0
+        timings[engine] = report["engines"][engine].get("seconds", time.time() - t0)
     if not args.no_serve:
         t0 = time.time()
         logdir = HERE / "results" / "bench_peers_logs"
@@ -752,7 +753,12 @@ def main() -> None:
             "during_mean": sum(load) / len(load),
             "during_max": max(load),
         },
-        "seconds": {**timings, "total": time.time() - started},
+        # total: every engine and the served part, including ones reused by --resume
+        "seconds": {
+            **timings,
+            "total": sum(timings.values()),
+            "this_invocation": time.time() - started,
+        },
         "workloads": {
             "single": {"prompt_len": 16, "output_len": workloads["single"]["output_len"]},
             "prefill": {"prompt_len": len(workloads["prefill"]["prompts"][0])},
@@ -784,7 +790,8 @@ def main() -> None:
     if report.get("served"):
         chart(report, chart_path)
         print(f"wrote {chart_path}")
-    print(f"total {report['seconds']['total']:.0f} s")
+    sec = report["seconds"]
+    print(f"total {sec['total']:.0f} s (this invocation {sec['this_invocation']:.0f} s)")
 
 
 if __name__ == "__main__":
