@@ -157,7 +157,7 @@ def gguf_source_dir(gguf_path: Path) -> Path:
 
 
 def make_tiny_gguf(dir: Path, arch: str, quant: str | None = None) -> Path:
-    """Write a tiny model as `dir/tiny-{arch}.gguf` (F32, or `quant` e.g. "Q8_0" for 2-D weights).
+    """Write a tiny model as `dir/tiny-{arch}.gguf` (F32, or `quant`: "Q8_0", "Q4_0", "Q4_1" for 2-D weights).
 
     The transformers model it came from is saved next to it (see `gguf_source_dir`).
     """
@@ -188,7 +188,7 @@ def make_tiny_gguf(dir: Path, arch: str, quant: str | None = None) -> Path:
     writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(
-        gguf.LlamaFileType.ALL_F32 if quant is None else gguf.LlamaFileType.MOSTLY_Q8_0
+        gguf.LlamaFileType.ALL_F32 if quant is None else gguf.LlamaFileType[f"MOSTLY_{quant}"]
     )
 
     backend = json.loads(hf_tok.backend_tokenizer.to_str())

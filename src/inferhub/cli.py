@@ -52,6 +52,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=_size, help="KV cache size, e.g. 2G")
     g.add_argument("--max-num-seqs", type=int, default=128, help="sequences per batch")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
+    g.add_argument(
+        "--weight-quant",
+        default="auto",
+        choices=["auto", "none", "int4"],
+        help="CPU 4-bit weights for small batches: auto = a GGUF file's Q4_0/Q4_1 weights as "
+        "they are (exact); int4 = also quantize the other projections (lossy); none = dense only",
+    )
 
 
 def _engine_config(args: argparse.Namespace, path: str, name: str) -> EngineConfig:
@@ -64,6 +71,7 @@ def _engine_config(args: argparse.Namespace, path: str, name: str) -> EngineConf
         kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs,
         num_threads=args.threads,
+        weight_quant=args.weight_quant,
     )
 
 

@@ -25,6 +25,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads for torch; None = torch's default
     seed: int = 0
+    # CPU 4-bit weights for calls of at most int4_max_rows rows (decode of small batches):
+    # auto = a GGUF file's Q4_0/Q4_1 weights kept as they are; int4 = also quantize the rest
+    # (lossy); none = dense weights only.
+    weight_quant: str = "auto"
+    int4_max_rows: int = 8
     cuda_graphs: bool = True  # record decode steps as CUDA graphs (CUDA + triton backend)
     show_progress: bool = True
 

@@ -37,7 +37,12 @@ def hf_reference() -> Callable[[Path, list[list[int]], int], list[list[int]]]:
 
     def run(path: Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
         if path not in cache:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            kwargs: dict[str, Any] = {"dtype": torch.float32}
+            source = path
+            if path.suffix == ".gguf":  # transformers dequantizes the file to float32
+                kwargs["gguf_file"] = path.name
+                source = path.parent
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
             model.generation_config.eos_token_id = None  # like ignore_eos: never stop early
             cache[path] = model
         model = cache[path]

@@ -109,6 +109,24 @@ def test_preemption_gives_the_same_tokens(
     assert llm.engine.num_preemptions > 0
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_q4_gguf_greedy_matches_transformers_on_both_kernels(
+    arch: str, tmp_path: Path, make_llm: Callable[..., LLM], hf_reference: Ref
+) -> None:
+    """A Q4_1 file: batches of up to int4_max_rows run on the 4-bit kernel, larger ones on the
+    dense weights; both give transformers' greedy tokens (transformers dequantizes the file)."""
+    from inferhub.layers.quant_linear import Int4Linear
+    from tiny_models import make_tiny_gguf
+
+    path = make_tiny_gguf(tmp_path, arch, quant="Q4_1")
+    llm = make_llm(path, int4_max_rows=4)
+    assert any(isinstance(m, Int4Linear) for m in llm.engine.model.modules())
+    ps = prompts(12, 3, 30, seed=21)
+    expected = hf_reference(path, ps, 10)  # transformers reads the GGUF through from_pretrained
+    assert [tokens(llm, [p], greedy(10))[0] for p in ps[:3]] == expected[:3]  # 4-bit kernel
+    assert tokens(llm, ps, greedy(10)) == expected  # 12 at once: dense weights for most steps
+
+
 def test_same_prompt_four_times_gives_identical_greedy_outputs(
     tiny_hf: dict[str, Path], make_llm: Callable[..., LLM]
 ) -> None:

@@ -67,6 +67,8 @@ class LLMEngine:
                 device=self.device,
                 attention_backend=backend,
                 show_progress=config.show_progress,
+                weight_quant=config.weight_quant,
+                int4_max_rows=config.int4_max_rows,
             )
         self.model = loaded.model
         self.tokenizer: Tokenizer = loaded.tokenizer

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from inferhub.layers.quant_linear import DEFAULT_MAX_ROWS, Int4Weight, int4_supported
 from inferhub.layers.rotary import RotaryEmbedding
 from inferhub.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from inferhub.models.qwen2 import Qwen2ForCausalLM
@@ -24,6 +25,7 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer
     source: str  # the absolute path it was loaded from
+    int4_projections: int = 0  # projections running on 4-bit weights for small batches
 
 
 def load_model(
@@ -33,20 +35,41 @@ def load_model(
     device: torch.device,
     attention_backend: str = "sdpa",
     show_progress: bool = True,
+    weight_quant: str = "auto",
+    int4_max_rows: int = DEFAULT_MAX_ROWS,
 ) -> LoadedModel:
-    """Load a Hugging Face model folder or a single `.gguf` file, ready for inference."""
+    """Load a Hugging Face model folder or a single `.gguf` file, ready for inference.
+
+    weight_quant: "auto" keeps a GGUF file's 4-bit weights (Q4_0, Q4_1) packed for the CPU's
+    4-bit kernels, used by calls of at most `int4_max_rows` rows (the dense weights serve
+    larger ones); "int4" also quantizes every other projection (lossy); "none" runs dense only.
+    """
+    if weight_quant not in ("auto", "none", "int4"):
+        raise ValueError(f"weight_quant must be auto, none or int4, not {weight_quant!r}")
+    if weight_quant == "int4" and not int4_supported(device, dtype):
+        raise ValueError(f"4-bit weights run on the CPU only, not on {device.type} in {dtype}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     source = os.path.abspath(path)
+    int4: dict[str, Int4Weight] = {}
     if os.path.isdir(source):
-        return _load_hf_folder(source, dtype, device, attention_backend, show_progress)
-    with open(source, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
-        return _load_gguf(source, dtype, device, attention_backend, show_progress)
-    if source.lower().endswith(".gguf"):
-        raise ValueError(f"{source} is not a valid GGUF file (bad magic {magic!r})")
-    raise ValueError(f"{source} is neither a Hugging Face model folder nor a .gguf file")
+        loaded = _load_hf_folder(source, dtype, device, attention_backend, show_progress)
+    else:
+        with open(source, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            if source.lower().endswith(".gguf"):
+                raise ValueError(f"{source} is not a valid GGUF file (bad magic {magic!r})")
+            raise ValueError(f"{source} is neither a Hugging Face model folder nor a .gguf file")
+        keep = weight_quant != "none" and int4_supported(device, dtype)
+        loaded = _load_gguf(
+            source, dtype, device, attention_backend, show_progress, int4 if keep else None
+        )
+    if int4:
+        loaded.int4_projections += loaded.model.use_int4(int4, int4_max_rows)
+    if weight_quant == "int4":
+        loaded.int4_projections += loaded.model.use_int4(None, int4_max_rows)
+    return loaded
 
 
 # -- shared ---------------------------------------------------------------------------------
@@ -325,8 +348,14 @@ def _apply_rope_freq_factors(model: Qwen2ForCausalLM, factors: torch.Tensor) -> 
 
 
 def _load_gguf(
-    path: str, dtype: torch.dtype, device: torch.device, backend: str, show_progress: bool
+    path: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: str,
+    show_progress: bool,
+    int4: dict[str, Int4Weight] | None = None,
 ) -> LoadedModel:
+    """Load a GGUF file; with `int4`, also collect its Q4_0/Q4_1 projection weights there."""
     import gguf
 
     try:
@@ -351,10 +380,18 @@ def _load_gguf(
                 continue
             hf_name = gguf_to_hf_name(tensor.name)
             data = _dequantize(tensor)
+            rows: np.ndarray | None = None
             if permute and ".attn_q." in tensor.name:
-                data = _unpermute_rows(data, heads)
+                rows = _unpermute_rows(np.arange(data.shape[0]), heads)
             elif permute and ".attn_k." in tensor.name:
-                data = _unpermute_rows(data, kv_heads)
+                rows = _unpermute_rows(np.arange(data.shape[0]), kv_heads)
+            if rows is not None:
+                data = data[rows]
+            qtype = tensor.tensor_type.name
+            if int4 is not None and qtype in ("Q4_0", "Q4_1") and ".layers." in hf_name:
+                shape = (int(data.shape[0]), int(data.shape[1]))
+                w4 = Int4Weight.from_gguf(tensor.data, qtype, shape)
+                int4[hf_name] = w4 if rows is None else w4.permute_rows(rows)
             yield hf_name, torch.from_numpy(data)
 
     model = _build_model(config, dtype, device, backend)

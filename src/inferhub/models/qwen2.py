@@ -11,6 +11,7 @@ from torch import nn
 from inferhub.layers.activation import silu_and_mul
 from inferhub.layers.attention import AttentionMetadata, paged_attention
 from inferhub.layers.norm import RMSNorm
+from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight
 from inferhub.layers.rotary import RotaryEmbedding, apply_rotary
 from inferhub.models.config import ModelConfig
 
@@ -138,6 +139,42 @@ class Qwen2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (N, vocab) in the model's dtype
+
+    # -- 4-bit weights (CPU) ----------------------------------------------------------------
+    # Each projection and the checkpoint weights it is made of, in row order.
+    _PROJECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "self_attn.o_proj": ("self_attn.o_proj",),
+        "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+        "mlp.down_proj": ("mlp.down_proj",),
+    }
+
+    def use_int4(self, weights: dict[str, Int4Weight] | None, max_rows: int) -> int:
+        """Run the projections of every layer on 4-bit weights for calls of <= max_rows rows.
+
+        `weights` maps checkpoint names (model.layers.N.self_attn.q_proj.weight) to the file's
+        own 4-bit blocks; a projection is converted only when all its parts are there. With
+        None, every projection is quantized from its dense weight (lossy). Returns the number
+        of projections converted.
+        """
+        converted = 0
+        for i, layer in enumerate(self.layers):
+            for target, parts in self._PROJECTIONS.items():
+                parent_name, attr = target.split(".")
+                parent = getattr(layer, parent_name)
+                linear = getattr(parent, attr)
+                if not isinstance(linear, nn.Linear) or linear.in_features % GROUP:
+                    continue  # already converted, or not in whole groups
+                if weights is None:
+                    int4 = Int4Weight.quantize(linear.weight)
+                else:
+                    names = [f"model.layers.{i}.{part}.weight" for part in parts]
+                    if not all(name in weights for name in names):
+                        continue
+                    int4 = Int4Weight.cat([weights[name] for name in names])
+                setattr(parent, attr, Int4Linear(linear, int4, max_rows))
+                converted += 1
+        return converted
 
     # -- weights ---------------------------------------------------------------------------
     _FUSED: ClassVar[dict[str, tuple[str, int]]] = {

@@ -1,0 +1,134 @@
+"""Weight-only 4-bit linear layers for the CPU, on torch's int4pack kernels.
+
+A decode step of a small batch is bound by reading the weights: at batch 1 a bfloat16 matrix
+product reads 2 bytes per weight, a 4-bit one about 0.6. GGUF files already store most
+weights in 4-bit groups (Q4_0, Q4_1: 32 weights share a scale and an offset), so those are kept
+exactly as the file has them (`Int4Weight.from_gguf`), not re-quantized. Other weights can be
+quantized on load (`Int4Weight.quantize`, asymmetric min/max per group of 32: lossy, opt-in).
+
+Large batches are compute-bound, and there torch's bfloat16 GEMM is faster than the 4-bit
+kernel, so an `Int4Linear` keeps the dense weight too and picks the kernel per call by the
+number of rows (`max_rows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUP = 32  # weights per scale/offset group (GGUF's QK4_0 / QK4_1)
+# At or below this many rows a call uses the 4-bit kernel; above it the dense weight.
+# Measured on a 2-core AVX-512 CPU, SmolLM2-135M, bf16: decode 1.35-1.58x faster at 1-4
+# sequences, 1.09x at 8, even at 12, 0.92x at 16 (docs/benchmarks.md).
+DEFAULT_MAX_ROWS = 8
+
+
+@dataclass
+class Int4Weight:
+    """Unpacked 4-bit weights of an (N, K) matrix: w = (q - 8) * scale + zero, per group."""
+
+    q: torch.Tensor  # (N, K) uint8, values 0..15
+    scale: torch.Tensor  # (N, K // GROUP) float32
+    zero: torch.Tensor  # (N, K // GROUP) float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.q.shape[0]), int(self.q.shape[1]))
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.shape
+        q = self.q.to(torch.float32).reshape(n, k // GROUP, GROUP) - 8.0
+        return (q * self.scale[..., None] + self.zero[..., None]).reshape(n, k)
+
+    def permute_rows(self, index: np.ndarray) -> Int4Weight:
+        idx = torch.from_numpy(np.ascontiguousarray(index))
+        return Int4Weight(self.q[idx], self.scale[idx], self.zero[idx])
+
+    @staticmethod
+    def cat(parts: Sequence[Int4Weight]) -> Int4Weight:
+        """Stack along the output rows (fused q/k/v or gate/up projections)."""
+        return Int4Weight(
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.zero for p in parts]),
+        )
+
+    @staticmethod
+    def quantize(w: torch.Tensor) -> Int4Weight:
+        """Asymmetric min/max quantization of a float matrix, GROUP weights per scale."""
+        n, k = w.shape
+        if k % GROUP:
+            raise ValueError(f"cannot quantize a matrix of {k} columns in groups of {GROUP}")
+        g = w.detach().to(torch.float32).reshape(n, k // GROUP, GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-10)
+        q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+        return Int4Weight(q.reshape(n, k), scale, lo + 8 * scale)
+
+    @staticmethod
+    def from_gguf(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> Int4Weight:
+        """The blocks of a Q4_0 or Q4_1 tensor, bit for bit (ggml-quants.c's layout).
+
+        A Q4_0 block is a float16 scale d and 16 bytes of nibbles: w = d * (q - 8).
+        A Q4_1 block is d, a float16 minimum m and 16 bytes: w = d * q + m. The low nibbles
+        of the 16 bytes are weights 0..15 of the block, the high nibbles weights 16..31.
+        """
+        n, k = shape
+        header = {"Q4_0": 2, "Q4_1": 4}[qtype]
+        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // GROUP, header + 16)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        nibbles = blocks[..., header:]
+        q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, k)
+        if qtype == "Q4_0":
+            zero = np.zeros_like(d)
+        else:
+            m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            zero = m + 8 * d
+        return Int4Weight(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero))
+
+
+def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Int4Linear(nn.Module):
+    """A linear layer that runs small batches on packed 4-bit weights and large ones dense.
+
+    `weight` and `bias` are the dense layer's own parameters (same names, so checkpoints and
+    `named_parameters` see no difference); the packed copy is a buffer.
+    """
+
+    def __init__(self, linear: nn.Linear, weight: Int4Weight, max_rows: int) -> None:
+        super().__init__()
+        n, k = weight.shape
+        if (linear.out_features, linear.in_features) != (n, k):
+            raise ValueError(
+                f"4-bit weight of shape {(n, k)} for a linear layer of shape "
+                f"{(linear.out_features, linear.in_features)}"
+            )
+        self.in_features, self.out_features = k, n
+        self.max_rows = max_rows
+        self.weight = linear.weight
+        self.bias = linear.bias
+        dtype, device = linear.weight.dtype, linear.weight.device
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+        # The kernel takes (K // GROUP, N, 2): scale and zero of each group, in the input dtype.
+        scales_zeros = torch.stack([weight.scale.t(), weight.zero.t()], dim=-1).contiguous()
+        self.register_buffer("packed", packed.to(device), persistent=False)
+        self.register_buffer("scales_zeros", scales_zeros.to(device, dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_rows:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.contiguous(), self.packed, GROUP, self.scales_zeros
+        )
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, 4-bit up to {self.max_rows} rows"

@@ -1,0 +1,127 @@
+"""4-bit weights on the CPU: GGUF Q4_0/Q4_1 blocks kept bit for bit, the int4 kernels against
+transformers' dequantized model, and the dense/4-bit switch by batch rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_loader import assert_logits_match, hf_model, our_logits
+from torch import nn
+
+from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight
+from inferhub.models.loader import LoadedModel, load_model
+from tiny_models import ARCHS, gguf_source_dir, make_tiny_gguf
+
+CPU = torch.device("cpu")
+QUANTS = ("Q4_0", "Q4_1")
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-q4")
+    return {f"{a}-{q}": make_tiny_gguf(root, a, quant=q) for a in ARCHS for q in QUANTS}
+
+
+def load(path: Path, dtype: torch.dtype = torch.float32, **kw: object) -> LoadedModel:
+    return load_model(str(path), dtype=dtype, device=CPU, show_progress=False, **kw)  # type: ignore[arg-type]
+
+
+def int4_layers(lm: LoadedModel) -> list[Int4Linear]:
+    return [m for m in lm.model.modules() if isinstance(m, Int4Linear)]
+
+
+@pytest.mark.parametrize("qtype", QUANTS)
+def test_gguf_blocks_unpack_exactly(qtype: str) -> None:
+    import gguf
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 4 * GROUP)).astype(np.float32)
+    kind = gguf.GGMLQuantizationType[qtype]
+    raw = gguf.quants.quantize(w, kind)
+    expected = gguf.quants.dequantize(raw, kind).reshape(w.shape)
+    ours = Int4Weight.from_gguf(raw, qtype, w.shape).dequantize().numpy()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_quantize_error_is_within_half_a_step() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    q = Int4Weight.quantize(w)
+    assert int(q.q.max()) <= 15
+    step = q.scale.repeat_interleave(GROUP, dim=1)
+    assert bool(((q.dequantize() - w).abs() <= step / 2 + 1e-6).all())
+    with pytest.raises(ValueError, match="groups of 32"):
+        Int4Weight.quantize(torch.randn(4, 40))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_switches_kernel_by_rows(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96, bias=True).to(dtype)
+    w4 = Int4Weight.quantize(torch.randn(96, 128))
+    layer = Int4Linear(linear, w4, max_rows=4)
+    assert layer.weight is linear.weight  # the dense weight stays a parameter
+    small, large = torch.randn(3, 128, dtype=dtype), torch.randn(5, 128, dtype=dtype)
+    expected_small = small.float() @ w4.dequantize().t() + linear.bias.float()
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(layer(small).float(), expected_small, atol=tol, rtol=tol)
+    # above max_rows: the dense weight (deliberately different from the 4-bit one here)
+    torch.testing.assert_close(layer(large), F.linear(large, linear.weight, linear.bias))
+
+
+@pytest.mark.parametrize("name", [f"{a}-{q}" for a in ARCHS for q in QUANTS])
+def test_q4_gguf_on_4bit_kernels_matches_transformers(q4: dict[str, Path], name: str) -> None:
+    """Every projection on the 4-bit kernel (max_rows huge) gives transformers' logits for the
+    same file, which transformers dequantizes to float32."""
+    path = q4[name]
+    lm = load(path, int4_max_rows=1 << 30)
+    layers = lm.config.num_hidden_layers
+    assert lm.int4_projections == 4 * layers
+    assert len(int4_layers(lm)) == 4 * layers
+    assert_logits_match(lm, hf_model(path.parent, gguf_file=path.name))
+
+
+@pytest.mark.parametrize("name", [f"{a}-Q4_1" for a in ARCHS])
+def test_q4_dense_and_4bit_paths_agree(q4: dict[str, Path], name: str) -> None:
+    dense = load(q4[name], weight_quant="none")
+    assert dense.int4_projections == 0 and not int4_layers(dense)
+    small = load(q4[name], int4_max_rows=1 << 30)
+    ids = dense.tokenizer.encode("Once upon a time there was a small language model")
+    torch.testing.assert_close(our_logits(small, ids), our_logits(dense, ids), atol=1e-4, rtol=1e-4)
+    # bf16: the same model within bf16 rounding, and the same greedy choices
+    small16 = load(q4[name], torch.bfloat16, int4_max_rows=1 << 30)
+    dense16 = load(q4[name], torch.bfloat16, weight_quant="none")
+    a, b = our_logits(small16, ids), our_logits(dense16, ids)
+    torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_f32_gguf_keeps_dense_weights_unless_asked(q4: dict[str, Path], tmp_path: Path) -> None:
+    """auto converts only what the file stores in 4 bits; int4 quantizes the rest (lossy)."""
+    f32 = make_tiny_gguf(tmp_path, "qwen2")
+    assert load(f32).int4_projections == 0
+    lm = load(f32, weight_quant="int4", int4_max_rows=1 << 30)
+    assert lm.int4_projections == 4 * lm.config.num_hidden_layers
+    reference = load(gguf_source_dir(f32))  # the HF folder it was written from
+    ids = reference.tokenizer.encode("Hello, world! How are you today?")
+    ours, theirs = our_logits(lm, ids), our_logits(reference, ids)
+    assert ours.shape == theirs.shape
+    assert not torch.equal(ours, theirs)  # it did change the weights
+    # 4 bits per weight of a random model: close in direction, not equal
+    cosine = F.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0)
+    print(f"cosine {float(cosine):.4f}")
+    assert float(cosine) > 0.95
+    hf = load(gguf_source_dir(f32), weight_quant="int4")  # HF folders too
+    assert hf.int4_projections == 4 * hf.config.num_hidden_layers
+
+
+def test_weight_quant_errors(q4: dict[str, Path]) -> None:
+    path = q4["qwen2-Q4_1"]
+    with pytest.raises(ValueError, match="auto, none or int4"):
+        load(path, weight_quant="int8")
+    with pytest.raises(ValueError, match="CPU only"):
+        load_model(str(path), dtype=torch.float16, device=torch.device("cuda"), weight_quant="int4")
