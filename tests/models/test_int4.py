@@ -1,5 +1,5 @@
-"""4-bit weights on the CPU: GGUF Q4_0/Q4_1 blocks kept bit for bit, the int4 kernels against
-transformers' dequantized model, and the dense/4-bit switch by batch rows."""
+"""Low-bit weights on the CPU: GGUF Q4_0/Q4_1 blocks kept bit for bit, the int4 kernels against
+transformers' dequantized model, the dense/4-bit switch by batch rows, 8-bit logits in bf16."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from test_loader import assert_logits_match, hf_model, our_logits
 from torch import nn
 
-from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight
+from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight, Int8Linear
 from inferhub.models.loader import LoadedModel, load_model
 from tiny_models import ARCHS, gguf_source_dir, make_tiny_gguf
 
@@ -125,3 +125,32 @@ def test_weight_quant_errors(q4: dict[str, Path]) -> None:
         load(path, weight_quant="int8")
     with pytest.raises(ValueError, match="CPU only"):
         load_model(str(path), dtype=torch.float16, device=torch.device("cuda"), weight_quant="int4")
+
+
+def test_int8_linear_small_calls_close_to_dense() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 300, bias=False).to(torch.bfloat16)
+    layer = Int8Linear(linear, max_rows=2)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    dense = F.linear(x, linear.weight).float()
+    torch.testing.assert_close(layer(x).float(), dense, atol=0.05, rtol=0.05)
+    big = torch.randn(3, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(big), F.linear(big, linear.weight))
+    with pytest.raises(ValueError, match="bfloat16"):
+        Int8Linear(nn.Linear(64, 8))
+
+
+def test_int8_logits_only_for_quantized_outputs_in_bf16(
+    q4: dict[str, Path], tmp_path: Path
+) -> None:
+    q = load(q4["qwen2-Q4_1"], torch.bfloat16)
+    assert q.quantized_output and q.int8_lm_head
+    assert isinstance(q.model.lm_head, Int8Linear)
+    assert q.model.lm_head.weight is q.model.embed_tokens.weight  # still tied
+    dense = load(q4["qwen2-Q4_1"], torch.bfloat16, weight_quant="none")
+    assert not dense.int8_lm_head
+    ids = q.tokenizer.encode("Hello, world! How are you today?")
+    a, b = our_logits(q, ids[:1]), our_logits(dense, ids[:1])  # one row: the 8-bit kernels
+    assert float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.99
+    assert not load(q4["qwen2-Q4_1"]).int8_lm_head  # float32 stays exact
+    assert not load(make_tiny_gguf(tmp_path, "qwen2"), torch.bfloat16).int8_lm_head  # F32 file

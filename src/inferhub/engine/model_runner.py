@@ -117,6 +117,8 @@ class ModelRunner:
             blocks=table.to(dev),
             mask=mask.unsqueeze(1).to(dev),  # (B, 1, Q, L)
             all_valid=all(n == q_max for n in lens),
+            context_len=ctx_lens[0] if b == 1 else None,
+            from_start=b == 1 and starts[0] == 0,
         )
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:

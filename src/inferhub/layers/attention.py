@@ -24,6 +24,10 @@ class AttentionGroup:
     blocks: torch.Tensor  # (B, nb) block table; the context is nb * block_size positions
     mask: torch.Tensor  # (B, 1, Q, L) bool, True where the query may attend
     all_valid: bool  # no padded queries (every row has Q queries)
+    # One sequence only: its context length (keys past it are dropped instead of masked), and
+    # whether its queries start at position 0 (plain causal attention, no mask needed).
+    context_len: int | None = None
+    from_start: bool = False
 
 
 @dataclass
@@ -57,9 +61,16 @@ def _attend_torch(
 
 
 def _attend_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool = False,
 ) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal, enable_gqa=True
+    )
 
 
 def _attend_group(
@@ -85,11 +96,19 @@ def _attend_group(
     v = torch.index_select(v_cache.view(-1, block_size * hkv * d), 0, flat)
     k = k.view(b, nb * block_size, hkv, d)
     v = v.view(b, nb * block_size, hkv, d)
+    mask = group.mask
+    if group.context_len is not None:  # one sequence: drop the keys past its context
+        k, v = k[:, : group.context_len], v[:, : group.context_len]
+        mask = mask[..., : group.context_len]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, len, D)
     if backend == "torch":
-        out = _attend_torch(q, k, v, group.mask, scale)
+        out = _attend_torch(q, k, v, mask, scale)
+    elif group.context_len is not None and q.shape[2] == 1:  # a decode sees its whole context
+        out = _attend_sdpa(q, k, v, None, scale)
+    elif group.context_len is not None and group.from_start:  # a first prefill chunk
+        out = _attend_sdpa(q, k, v, None, scale, is_causal=True)
     else:
-        out = _attend_sdpa(q, k, v, group.mask, scale)
+        out = _attend_sdpa(q, k, v, mask, scale)
     out = out.transpose(1, 2)  # (B, Q, H, D)
     if group.all_valid:
         return out.reshape(-1, out.shape[-2], out.shape[-1])

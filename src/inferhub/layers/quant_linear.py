@@ -92,6 +92,12 @@ class Int4Weight:
         return Int4Weight(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero))
 
 
+# The output projection (vocabulary x hidden, the largest matrix of a small model) in 8 bits
+# for calls of at most this many rows: 1.8 ms instead of 6.4 ms for SmolLM2's 49k x 576 at one
+# row, still faster at 4, slower at 8.
+INT8_MAX_ROWS = 4
+
+
 def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
 
@@ -132,3 +138,34 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, 4-bit up to {self.max_rows} rows"
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose small calls run on 8-bit weights (one scale per output row).
+
+    For bfloat16 models only (torch's int8pack kernel is fast for bfloat16 inputs): there the
+    dense weight is already rounded to 8 significant bits, and 8-bit rows err about as much.
+    """
+
+    def __init__(self, linear: nn.Linear, max_rows: int = INT8_MAX_ROWS) -> None:
+        super().__init__()
+        if linear.weight.dtype != torch.bfloat16 or linear.weight.device.type != "cpu":
+            raise ValueError("8-bit weights are for bfloat16 models on the CPU")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.max_rows = max_rows
+        self.weight = linear.weight
+        self.bias = linear.bias
+        w = linear.weight.detach().to(torch.float32)
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.register_buffer("q", q, persistent=False)
+        self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_rows or x.dtype != torch.bfloat16:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, 8-bit up to {self.max_rows} rows"

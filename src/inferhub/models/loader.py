@@ -26,6 +26,8 @@ class LoadedModel:
     tokenizer: Tokenizer
     source: str  # the absolute path it was loaded from
     int4_projections: int = 0  # projections running on 4-bit weights for small batches
+    quantized_output: bool = False  # the file stores the output projection quantized
+    int8_lm_head: bool = False  # logits of small batches from 8-bit rows
 
 
 def load_model(
@@ -42,7 +44,9 @@ def load_model(
 
     weight_quant: "auto" keeps a GGUF file's 4-bit weights (Q4_0, Q4_1) packed for the CPU's
     4-bit kernels, used by calls of at most `int4_max_rows` rows (the dense weights serve
-    larger ones); "int4" also quantizes every other projection (lossy); "none" runs dense only.
+    larger ones), and in bfloat16 computes small batches' logits on 8-bit rows when the file
+    stores the output projection quantized; "int4" also quantizes every other projection and
+    the output projection (lossy); "none" runs dense only.
     """
     if weight_quant not in ("auto", "none", "int4"):
         raise ValueError(f"weight_quant must be auto, none or int4, not {weight_quant!r}")
@@ -69,6 +73,10 @@ def load_model(
         loaded.int4_projections += loaded.model.use_int4(int4, int4_max_rows)
     if weight_quant == "int4":
         loaded.int4_projections += loaded.model.use_int4(None, int4_max_rows)
+    int8_head = weight_quant == "int4" or (weight_quant == "auto" and loaded.quantized_output)
+    if int8_head and device.type == "cpu" and dtype == torch.bfloat16:
+        loaded.model.use_int8_lm_head()
+        loaded.int8_lm_head = True
     return loaded
 
 
@@ -399,4 +407,7 @@ def _load_gguf(
     _load_weights(model, weights(), total, path, show_progress)
     if "rope_freqs.weight" in tensors:
         _apply_rope_freq_factors(model, torch.from_numpy(_dequantize(tensors["rope_freqs.weight"])))
-    return _finish(model, config, tokenizer, path)
+    loaded = _finish(model, config, tokenizer, path)
+    output = tensors.get("output.weight", tensors["token_embd.weight"])
+    loaded.quantized_output = output.tensor_type.name not in ("F32", "F16", "BF16")
+    return loaded

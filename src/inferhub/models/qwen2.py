@@ -11,7 +11,7 @@ from torch import nn
 from inferhub.layers.activation import silu_and_mul
 from inferhub.layers.attention import AttentionMetadata, paged_attention
 from inferhub.layers.norm import RMSNorm
-from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight
+from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight, Int8Linear
 from inferhub.layers.rotary import RotaryEmbedding, apply_rotary
 from inferhub.models.config import ModelConfig
 
@@ -136,6 +136,11 @@ class Qwen2ForCausalLM(nn.Module):
                 module.backend = backend
             if isinstance(module, (Attention, RMSNorm)):
                 module.fused = backend == "triton"
+
+    def use_int8_lm_head(self) -> None:
+        """Small batches compute logits on 8-bit rows of the output projection (bf16 only)."""
+        if isinstance(self.lm_head, nn.Linear):
+            self.lm_head = Int8Linear(self.lm_head)  # type: ignore[assignment]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (N, vocab) in the model's dtype
