@@ -36,6 +36,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.request
@@ -593,7 +594,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
     ax.set_title(
         f"Served throughput, {Path(report['model']).name}\n"
         f"{m['cores']} cores, {report['threads']} threads"
-        + (f", {report['note']}" if report.get("note") else ""),
+        + ("\n" + textwrap.shorten(report["note"], 80) if report.get("note") else ""),
         fontsize=9,
     )
     ax.grid(True, alpha=0.3)
