@@ -108,6 +108,7 @@ def worker_inferhub(spec: dict[str, Any]) -> dict[str, Any]:
                 model=spec["model"],
                 dtype="bfloat16",
                 max_num_seqs=max_seqs,
+                weight_quant="auto",
                 max_num_batched_tokens=spec["inferhub_batched_tokens"],
                 kv_cache_memory=spec["kv_cache_gib"] << 30,
                 num_threads=threads,
@@ -415,6 +416,7 @@ def start_server(kind: str, args: argparse.Namespace, log_path: Path) -> tuple[A
             "--model", f"{args.served_name}={args.model}", "--dtype", "bfloat16",
             "--threads", str(args.threads), "--max-num-seqs", str(max(args.concurrency)),
             "--kv-cache-memory", f"{args.kv_cache_gib}G", "--data-dir", tempfile.mkdtemp(),
+            "--weight-quant", "auto",
         ]  # fmt: skip
     else:
         cmd = [

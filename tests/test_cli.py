@@ -102,14 +102,14 @@ def test_serve_open_on_loopback_and_several_models(monkeypatch: pytest.MonkeyPat
     assert isinstance(built["state"].gatekeeper, OpenAccess)
     assert list(built["state"].engines) == ["a", "b"]
     assert built["config"].timeout_graceful_shutdown == 5
-    assert all(m.weight_quant == "auto" for m in built["state"].config.models)
+    assert all(m.weight_quant == "none" for m in built["state"].config.models)
 
 
 def test_serve_weight_quant_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("INFERHUB_API_KEYS", raising=False)
-    argv = ["--no-auth", "--model", "a=/a.gguf", "--weight-quant", "none"]
+    argv = ["--no-auth", "--model", "a=/a.gguf", "--weight-quant", "auto"]
     built = serve_with_fakes(monkeypatch, argv)
-    assert [m.weight_quant for m in built["state"].config.models] == ["none"]
+    assert [m.weight_quant for m in built["state"].config.models] == ["auto"]
     with pytest.raises(SystemExit):
         cli.main(["serve", "--weight-quant", "int3"])
 

@@ -54,10 +54,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument(
         "--weight-quant",
-        default="auto",
+        default="none",
         choices=["auto", "none", "int4"],
         help="CPU 4-bit weights for small batches: auto = a GGUF file's Q4_0/Q4_1 weights as "
-        "they are (exact); int4 = also quantize the other projections (lossy); none = dense only",
+        "they are (exact); int4 = also quantize the other projections (lossy); none = dense "
+        "only (default: the same greedy text whatever the batch)",
     )
 
 

@@ -119,7 +119,7 @@ def test_q4_gguf_greedy_matches_transformers_on_both_kernels(
     from tiny_models import make_tiny_gguf
 
     path = make_tiny_gguf(tmp_path, arch, quant="Q4_1")
-    llm = make_llm(path, int4_max_rows=4)
+    llm = make_llm(path, weight_quant="auto", int4_max_rows=4)
     assert any(isinstance(m, Int4Linear) for m in llm.engine.model.modules())
     ps = prompts(12, 3, 30, seed=21)
     expected = hf_reference(path, ps, 10)  # transformers reads the GGUF through from_pretrained
