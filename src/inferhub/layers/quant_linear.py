@@ -102,25 +102,53 @@ def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-class Int4Linear(nn.Module):
-    """A linear layer that runs small batches on packed 4-bit weights and large ones dense.
+class _LowBitLinear(nn.Module):
+    """A linear layer that runs calls of at most `max_rows` rows on a low-bit copy of its
+    weight and larger ones on the dense weight.
 
-    `weight` and `bias` are the dense layer's own parameters (same names, so checkpoints and
-    `named_parameters` see no difference); the packed copy is a buffer.
+    `weight` and `bias` are the dense layer's own parameters (same names, so checkpoints,
+    tied embeddings and `named_parameters` see no difference); the low-bit copy is a buffer.
     """
 
-    def __init__(self, linear: nn.Linear, weight: Int4Weight, max_rows: int) -> None:
+    bits: int
+
+    def __init__(self, linear: nn.Linear, max_rows: int) -> None:
         super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.max_rows = max_rows
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def _small(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The low-bit product of a small call, or None to use the dense weight."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._small(x.contiguous()) if x.shape[0] <= self.max_rows else None
+        if y is None:
+            return F.linear(x, self.weight, self.bias)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, "
+            f"{self.bits}-bit up to {self.max_rows} rows"
+        )
+
+
+class Int4Linear(_LowBitLinear):
+    """Small calls on packed 4-bit weights (torch's int4pack kernel), large ones dense."""
+
+    bits = 4
+
+    def __init__(self, linear: nn.Linear, weight: Int4Weight, max_rows: int) -> None:
         n, k = weight.shape
         if (linear.out_features, linear.in_features) != (n, k):
             raise ValueError(
                 f"4-bit weight of shape {(n, k)} for a linear layer of shape "
                 f"{(linear.out_features, linear.in_features)}"
             )
-        self.in_features, self.out_features = k, n
-        self.max_rows = max_rows
-        self.weight = linear.weight
-        self.bias = linear.bias
+        super().__init__(linear, max_rows)
         dtype, device = linear.weight.dtype, linear.weight.device
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
         # The kernel takes (K // GROUP, N, 2): scale and zero of each group, in the input dtype.
@@ -128,44 +156,30 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed.to(device), persistent=False)
         self.register_buffer("scales_zeros", scales_zeros.to(device, dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > self.max_rows:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.contiguous(), self.packed, GROUP, self.scales_zeros
-        )
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, 4-bit up to {self.max_rows} rows"
+    def _small(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
 
 
-class Int8Linear(nn.Module):
-    """A linear layer whose small calls run on 8-bit weights (one scale per output row).
+class Int8Linear(_LowBitLinear):
+    """Small calls on 8-bit weights (one scale per output row), large ones dense.
 
     For bfloat16 models only (torch's int8pack kernel is fast for bfloat16 inputs): there the
     dense weight is already rounded to 8 significant bits, and 8-bit rows err about as much.
     """
 
+    bits = 8
+
     def __init__(self, linear: nn.Linear, max_rows: int = INT8_MAX_ROWS) -> None:
-        super().__init__()
         if linear.weight.dtype != torch.bfloat16 or linear.weight.device.type != "cpu":
             raise ValueError("8-bit weights are for bfloat16 models on the CPU")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.max_rows = max_rows
-        self.weight = linear.weight
-        self.bias = linear.bias
+        super().__init__(linear, max_rows)
         w = linear.weight.detach().to(torch.float32)
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
         q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
         self.register_buffer("q", q, persistent=False)
         self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > self.max_rows or x.dtype != torch.bfloat16:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, 8-bit up to {self.max_rows} rows"
+    def _small(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.dtype != torch.bfloat16:
+            return None
+        return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
