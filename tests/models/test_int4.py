@@ -27,6 +27,7 @@ def q4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def load(path: Path, dtype: torch.dtype = torch.float32, **kw: object) -> LoadedModel:
+    kw.setdefault("weight_quant", "auto")  # the low-bit paths are opt-in
     return load_model(str(path), dtype=dtype, device=CPU, show_progress=False, **kw)  # type: ignore[arg-type]
 
 

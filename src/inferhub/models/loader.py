@@ -37,7 +37,7 @@ def load_model(
     device: torch.device,
     attention_backend: str = "sdpa",
     show_progress: bool = True,
-    weight_quant: str = "auto",
+    weight_quant: str = "none",
     int4_max_rows: int = DEFAULT_MAX_ROWS,
 ) -> LoadedModel:
     """Load a Hugging Face model folder or a single `.gguf` file, ready for inference.
@@ -46,7 +46,7 @@ def load_model(
     4-bit kernels, used by calls of at most `int4_max_rows` rows (the dense weights serve
     larger ones), and in bfloat16 computes small batches' logits on 8-bit rows when the file
     stores the output projection quantized; "int4" also quantizes every other projection and
-    the output projection (lossy); "none" runs dense only.
+    the output projection (lossy); "none" (the default, as in EngineConfig) runs dense only.
     """
     if weight_quant not in ("auto", "none", "int4"):
         raise ValueError(f"weight_quant must be auto, none or int4, not {weight_quant!r}")
