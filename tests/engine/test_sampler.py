@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from inferhub.engine.sampler import Sampler, build_batch
+from inferhub.engine.sampler import Sampler, argmax, build_batch
 from inferhub.engine.sampling_params import SamplingParams, SamplingParamsError
 
 V = 10
@@ -36,6 +36,16 @@ def sample(
 def test_greedy_is_argmax() -> None:
     logits = torch.randn(4, V)
     assert sample(logits, [SamplingParams(temperature=0)] * 4) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_argmax_matches_torch_argmax_and_takes_the_first_of_ties(dtype: torch.dtype) -> None:
+    logits = torch.randn(64, 49152).to(dtype)
+    assert torch.equal(argmax(logits), logits.argmax(-1))
+    tied = torch.zeros(3, 1000, dtype=dtype)
+    tied[0, [5, 900]] = 1.0
+    tied[1, [0, 999]] = 2.0
+    assert argmax(tied).tolist() == [5, 0, 0]
 
 
 def test_logit_bias_plus_100_forces_and_minus_100_bans() -> None:
