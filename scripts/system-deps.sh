@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs the system packages the test suite starts (Redis, Chromium) when they are missing.
+# Installs the system packages the test suite starts (Redis, Chromium) and the C compiler that
+# builds the CPU attention kernel, when they are missing.
 # PostgreSQL 15 binaries are expected from Debian's postgresql-15 package.
 set -euo pipefail
 need=()
+command -v cc >/dev/null 2>&1 || need+=(gcc)  # layers/csrc: the CPU decode-attention kernel
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
 [ -x /usr/bin/chromium ] || need+=(chromium)  # the console's browser tests (Playwright)

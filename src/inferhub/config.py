@@ -15,7 +15,7 @@ class EngineConfig:
     name: str | None = None  # served model name
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    attention_backend: str = "auto"  # auto | torch | sdpa | triton
+    attention_backend: str = "auto"  # auto | torch | sdpa | cpu | triton
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None = a fraction of free memory
     kv_cache_fraction: float = 0.3  # of free memory, when kv_cache_memory is None

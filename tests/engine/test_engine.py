@@ -53,7 +53,7 @@ def test_greedy_from_gguf_matches_transformers(
     assert tokens(llm, ps, greedy(10)) == hf_reference(gguf_source_dir(tiny_gguf[arch]), ps, 10)
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "cpu"])
 def test_chunked_prefill_gives_the_same_tokens(
     backend: str, tiny_hf: dict[str, Path], make_llm: Callable[..., LLM], hf_reference: Ref
 ) -> None:

@@ -33,10 +33,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name != "auto":
-        if name not in ("torch", "sdpa", "triton"):
+        if name not in ("torch", "sdpa", "cpu", "triton"):
             raise ValueError(f"unknown attention backend {name!r}")
+        if name == "cpu" and (device.type != "cpu" or cpu_backend(dtype) != "cpu"):
+            raise ValueError(
+                "the cpu attention backend needs the CPU, float32 or bfloat16, and a C "
+                "compiler to build its kernel"
+            )
         return name
     if device.type == "cuda":
         try:
@@ -45,4 +50,13 @@ def resolve_backend(name: str, device: torch.device) -> str:
             return "triton"
         except ImportError:
             return "sdpa"
+    return cpu_backend(dtype)
+
+
+def cpu_backend(dtype: torch.dtype) -> str:
+    """The C decode kernel where it builds and handles the dtype, else torch's SDPA."""
+    from inferhub.layers import cpu_kernels
+
+    if cpu_kernels.supports(dtype) and cpu_kernels.library() is not None:
+        return "cpu"
     return "sdpa"

@@ -59,7 +59,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        backend = resolve_backend(config.attention_backend, self.device)
+        backend = resolve_backend(config.attention_backend, self.device, self.dtype)
         if loaded is None:
             loaded = load_model(
                 config.model,

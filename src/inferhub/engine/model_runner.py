@@ -21,6 +21,9 @@ from inferhub.engine.sequence import Sequence
 from inferhub.layers.attention import AttentionGroup, AttentionMetadata
 from inferhub.models.qwen2 import KVCache, Qwen2ForCausalLM
 
+# Backends whose decode kernel walks the block tables itself (no padded context group).
+KERNEL_BACKENDS = ("triton", "cpu")
+
 
 @dataclass
 class StepInputs:
@@ -156,11 +159,11 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev),
             num_decode_tokens=len(decode_idx),
-            decode=None if self.backend == "triton" else group(decode_idx),
+            decode=None if self.backend in KERNEL_BACKENDS else group(decode_idx),
             prefill=group(prefill_idx),
             block_size=bs,
         )
-        if decode_idx and self.backend == "triton":
+        if decode_idx and self.backend in KERNEL_BACKENDS:
             seqs = [out.seqs[i] for i in decode_idx]
             width = max(len(s.block_table) for s in seqs)
             bt = torch.zeros(len(seqs), width, dtype=torch.int32)

@@ -4,7 +4,8 @@ The flat batch holds `num_decode_tokens` decode tokens (one per sequence) first,
 prefill chunks. New keys and values are written into the cache at `slot_mapping`; each query
 then attends to its sequence's context gathered from the cache through the block table.
 Backends: "torch" (plain matmul + softmax, runs everywhere), "sdpa"
-(`scaled_dot_product_attention`), and "triton" on CUDA (see triton_attention.py).
+(`scaled_dot_product_attention`), "cpu" (decodes read the cache in place with the C kernel of
+cpu_kernels.py; prefill chunks as "sdpa") and "triton" on CUDA (see triton_attention.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode: AttentionGroup | None
     prefill: AttentionGroup | None
-    # For kernels that walk the block table themselves (triton backend).
+    # For kernels that walk the block table themselves (triton and cpu backends).
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decodes first
     context_lens: torch.Tensor | None = None  # (B,) int32
     block_size: int = 16
@@ -144,10 +145,26 @@ def paged_attention(
             scale,
         )
         backend = "sdpa"
+    elif backend == "cpu" and nd > 0:
+        from inferhub.layers.cpu_kernels import paged_decode_attention as cpu_decode
+
+        assert meta.block_tables is not None and meta.context_lens is not None
+        decode_out = cpu_decode(
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.block_tables[:nd],
+            meta.context_lens[:nd],
+            meta.block_size,
+            scale,
+        )
+        backend = "sdpa"
     elif meta.decode is not None:
         decode_out = _attend_group(
             q[:nd], k_cache, v_cache, meta.decode, scale, backend, meta.block_size
         )
+    if backend == "cpu":
+        backend = "sdpa"  # prefill chunks only
     if meta.prefill is None:
         assert decode_out is not None
         return decode_out

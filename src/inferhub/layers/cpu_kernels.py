@@ -1,0 +1,155 @@
+"""CPU kernels written in C (csrc/), compiled on first use and called through ctypes.
+
+The shared library is built with the system C compiler (`cc -O3 -march=native -fopenmp`)
+into a cache folder keyed by the source, the flags, the compiler and the CPU, so a machine
+builds it once (about a second). The build goes to a temporary name and is renamed into
+place, so processes that start together never load a half-written file. Without a compiler,
+or if the build fails, `library()` returns None and the engine keeps its pure-torch paths.
+
+OpenMP: the library links `libgomp.so.1`, the runtime that torch's wheel already loaded into
+the process, so the kernels share torch's thread pool instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("paged_attention.c",)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("INFERHUB_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "inferhub" / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(compiler: str) -> Path:
+    src_dir = Path(__file__).parent / "csrc"
+    sources = [src_dir / name for name in SOURCES]
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256()
+    for part in (*[p.read_bytes() for p in sources], " ".join(FLAGS).encode()):
+        key.update(part)
+    key.update(version.encode())
+    key.update(_cpu_signature().encode())
+    out = cache_dir() / f"inferhub_cpu_{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, "-o", tmp, *map(str, sources), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they cannot be built here (logged once)."""
+    if os.environ.get("INFERHUB_DISABLE_CPU_KERNELS"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C compiler found: CPU attention falls back to torch (slower)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError) as exc:
+        log.warning("CPU kernels unavailable, falling back to torch: %s", exc)
+        return None
+    fn = lib.inferhub_paged_decode_attention
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr] * 6 + [i64] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in _DTYPES
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """q: (B, H, D), one decode token per sequence; caches: (num_slots, Hkv, D);
+    block_tables: (B, max_blocks) int32; context_lens: (B,) int32. Returns (B, H, D)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available")
+    assert q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in _DTYPES
+    assert block_tables.dtype == context_lens.dtype == torch.int32
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    q = q.contiguous()
+    block_tables = block_tables.contiguous()
+    b, h, d = q.shape
+    out = torch.empty_like(q)
+    rc = lib.inferhub_paged_decode_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_tables.data_ptr(),
+        context_lens.data_ptr(),
+        out.data_ptr(),
+        b,
+        h,
+        k_cache.shape[1],
+        d,
+        block_tables.shape[1],
+        block_size,
+        scale,
+        _DTYPES[q.dtype],
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("paged decode attention could not allocate its scratch buffers")
+    return out

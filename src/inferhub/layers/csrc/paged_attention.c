@@ -1,0 +1,306 @@
+/* Decode attention over the paged KV cache, for the CPU.
+ *
+ * One query token per sequence attends to its whole context, read in place from the cache
+ * through the sequence's block table (no gathered copy of the context). Work items are
+ * (sequence, kv head) pairs spread over OpenMP threads; the query heads that share a kv head
+ * (GQA) are processed together so each key and value row is read once. Arithmetic in float32.
+ *
+ * Layouts (all contiguous):
+ *   q, out:        (num_seqs, num_heads, head_dim)
+ *   k/v cache:     (num_slots, num_kv_heads, head_dim); slot = block * block_size + offset
+ *   block_tables:  (num_seqs, max_blocks) int32
+ *   context_lens:  (num_seqs,) int32, each in [1, max_blocks * block_size]
+ * dtype: 0 = float32, 1 = bfloat16 (for q, caches and out alike).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline void load_row(const void *src, int64_t index, int64_t n, int dtype, float *dst) {
+    if (dtype == 1) {
+        const uint16_t *s = (const uint16_t *)src + index;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)s[i] << 16;
+            float f;
+            memcpy(&f, &u, sizeof f);
+            dst[i] = f;
+        }
+    } else {
+        memcpy(dst, (const float *)src + index, (size_t)n * sizeof(float));
+    }
+}
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as torch does */
+    return (uint16_t)(u >> 16);
+}
+
+static inline void store_row(void *dst, int64_t index, int64_t n, int dtype, const float *src) {
+    if (dtype == 1) {
+        uint16_t *d = (uint16_t *)dst + index;
+        for (int64_t i = 0; i < n; i++) d[i] = to_bf16(src[i]);
+    } else {
+        memcpy((float *)dst + index, src, (size_t)n * sizeof(float));
+    }
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+
+/* 16 values of the row at element `index` as float32 lanes. */
+static inline __attribute__((always_inline)) __m512 load16(const void *src, int64_t index,
+                                                           int dtype) {
+    if (dtype == 1) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + index));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)src + index);
+}
+
+/* exp(x) for x <= 0: 2^n * e^g with |g| <= ln(2)/2, Taylor to degree 7 (rel. error < 1e-7). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 g = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Softmax numerators of s[0:n] in place; returns 1 / their sum. */
+static inline float softmax512(float *s, int64_t n) {
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + t));
+    float m = _mm512_reduce_max_ps(vm);
+    for (; t < n; t++) m = s[t] > m ? s[t] : m;
+    const __m512 vmax = _mm512_set1_ps(m);
+    __m512 vsum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), vmax));
+        _mm512_storeu_ps(s + t, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    if (t < n) {
+        const __mmask16 k = (__mmask16)((1u << (n - t)) - 1u);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), vmax));
+        _mm512_mask_storeu_ps(s + t, k, e);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(k, e));
+    }
+    return 1.0f / _mm512_reduce_add_ps(vsum);
+}
+
+#define MAX_CHUNKS 16 /* head_dim up to 256 */
+
+/* Like attend_one, for kv heads [kh0, kh0 + nkh) of one sequence at once, head_dim % 16 == 0,
+ * with AVX-512. Taking several kv heads walks each cache row whole and in order (the rows of
+ * one kv head alone are strided, which DRAM streaming handles poorly). */
+static inline __attribute__((always_inline)) void attend_avx512(
+    const void *q, const void *k_cache, const void *v_cache, const int32_t *table, int64_t ctx,
+    void *out, int64_t seq_head0, int64_t kh0, int64_t nkh, int64_t group, int64_t head_dim,
+    int64_t block_size, int64_t row_stride, int64_t max_ctx, float scale, int dtype, float *qf,
+    float *acc, float *scores, float *inv_sum) {
+    const int64_t nc = head_dim / 16;
+    const int64_t nh = nkh * group; /* query heads handled here */
+    const int64_t head0 = seq_head0 + kh0 * group;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t h = 0; h < nh; h++)
+        for (int64_t c = 0; c < nc; c++)
+            _mm512_storeu_ps(qf + (h * nc + c) * 16,
+                             _mm512_mul_ps(load16(q, (head0 + h) * head_dim + c * 16, dtype),
+                                           vscale));
+    const int64_t nblocks = (ctx + block_size - 1) / block_size;
+    for (int64_t bi = 0; bi < nblocks; bi++) {
+        const int64_t base = (int64_t)table[bi] * block_size;
+        const int64_t t0 = bi * block_size;
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            for (int64_t kv = 0; kv < nkh; kv++) {
+                const int64_t at = (base + j) * row_stride + (kh0 + kv) * head_dim;
+                __m512 k[MAX_CHUNKS];
+                for (int64_t c = 0; c < nc; c++) k[c] = load16(k_cache, at + c * 16, dtype);
+                for (int64_t g = 0; g < group; g++) {
+                    const float *qh = qf + (kv * group + g) * nc * 16;
+                    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);
+                    for (int64_t c = 1; c < nc; c++)
+                        a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + c * 16), k[c], a);
+                    scores[(kv * group + g) * max_ctx + t0 + j] = _mm512_reduce_add_ps(a);
+                }
+            }
+        }
+    }
+    for (int64_t h = 0; h < nh; h++) inv_sum[h] = softmax512(scores + h * max_ctx, ctx);
+    for (int64_t i = 0; i < nh * nc; i++) _mm512_storeu_ps(acc + i * 16, _mm512_setzero_ps());
+    for (int64_t bi = 0; bi < nblocks; bi++) {
+        const int64_t base = (int64_t)table[bi] * block_size;
+        const int64_t t0 = bi * block_size;
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            for (int64_t kv = 0; kv < nkh; kv++) {
+                const int64_t at = (base + j) * row_stride + (kh0 + kv) * head_dim;
+                __m512 v[MAX_CHUNKS];
+                for (int64_t c = 0; c < nc; c++) v[c] = load16(v_cache, at + c * 16, dtype);
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t h = kv * group + g;
+                    const __m512 p = _mm512_set1_ps(scores[h * max_ctx + t0 + j]);
+                    float *ah = acc + h * nc * 16;
+                    for (int64_t c = 0; c < nc; c++)
+                        _mm512_storeu_ps(ah + c * 16,
+                                         _mm512_fmadd_ps(p, v[c], _mm512_loadu_ps(ah + c * 16)));
+                }
+            }
+        }
+    }
+    for (int64_t h = 0; h < nh; h++) {
+        float *ah = acc + h * head_dim;
+        const __m512 r = _mm512_set1_ps(inv_sum[h]);
+        for (int64_t c = 0; c < nc; c++)
+            _mm512_storeu_ps(ah + c * 16, _mm512_mul_ps(_mm512_loadu_ps(ah + c * 16), r));
+        store_row(out, (head0 + h) * head_dim, head_dim, dtype, ah);
+    }
+}
+#endif
+
+/* One (sequence, kv head) item. Inlined into a float32 and a bfloat16 copy so that the row
+ * conversions specialise and vectorise. */
+static inline __attribute__((always_inline)) void attend_one(
+    const void *q, const void *k_cache, const void *v_cache, const int32_t *table, int64_t ctx,
+    void *out, int64_t head0, int64_t kh, int64_t group, int64_t head_dim, int64_t block_size,
+    int64_t row_stride, int64_t max_ctx, float scale, int dtype, float *qf, float *acc,
+    float *row, float *scores, float *inv_sum) {
+    for (int64_t g = 0; g < group; g++) {
+        float *qg = qf + g * head_dim;
+        load_row(q, (head0 + g) * head_dim, head_dim, dtype, qg);
+        for (int64_t d = 0; d < head_dim; d++) qg[d] *= scale;
+    }
+    const int64_t nblocks = (ctx + block_size - 1) / block_size;
+    /* scores = q . k for every context position, block by block */
+    for (int64_t bi = 0; bi < nblocks; bi++) {
+        const int64_t base = (int64_t)table[bi] * block_size;
+        const int64_t t0 = bi * block_size;
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            load_row(k_cache, (base + j) * row_stride + kh * head_dim, head_dim, dtype, row);
+            for (int64_t g = 0; g < group; g++) {
+                const float *qg = qf + g * head_dim;
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t d = 0; d < head_dim; d++) s += qg[d] * row[d];
+                scores[g * max_ctx + t0 + j] = s;
+            }
+        }
+    }
+    /* softmax per query head (unnormalised; divided at the end) */
+    for (int64_t g = 0; g < group; g++) {
+        float *sg = scores + g * max_ctx;
+        float m = sg[0];
+        for (int64_t t = 1; t < ctx; t++) m = sg[t] > m ? sg[t] : m;
+        float sum = 0.0f;
+        for (int64_t t = 0; t < ctx; t++) {
+            sg[t] = expf(sg[t] - m);
+            sum += sg[t];
+        }
+        inv_sum[g] = 1.0f / sum;
+    }
+    memset(acc, 0, (size_t)(group * head_dim) * sizeof(float));
+    for (int64_t bi = 0; bi < nblocks; bi++) {
+        const int64_t base = (int64_t)table[bi] * block_size;
+        const int64_t t0 = bi * block_size;
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            load_row(v_cache, (base + j) * row_stride + kh * head_dim, head_dim, dtype, row);
+            for (int64_t g = 0; g < group; g++) {
+                const float p = scores[g * max_ctx + t0 + j];
+                float *ag = acc + g * head_dim;
+#pragma omp simd
+                for (int64_t d = 0; d < head_dim; d++) ag[d] += p * row[d];
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *ag = acc + g * head_dim;
+        for (int64_t d = 0; d < head_dim; d++) ag[d] *= inv_sum[g];
+        store_row(out, (head0 + g) * head_dim, head_dim, dtype, ag);
+    }
+}
+
+int inferhub_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache,
+                                    const int32_t *block_tables, const int32_t *context_lens,
+                                    void *out, int64_t num_seqs, int64_t num_heads,
+                                    int64_t num_kv_heads, int64_t head_dim, int64_t max_blocks,
+                                    int64_t block_size, float scale, int dtype, int num_threads) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t max_ctx = max_blocks * block_size;
+    const int64_t row_stride = num_kv_heads * head_dim; /* elements between two slots */
+    /* Few sequences: one work item per (sequence, kv head) so every thread has work; many:
+     * one per sequence, which reads each cache row whole. */
+    const int64_t split = num_seqs < 4 * (int64_t)num_threads ? num_kv_heads : 1;
+    const int64_t per_item = num_kv_heads / split; /* kv heads per work item */
+    const int64_t items = num_seqs * split;
+    const int64_t item_heads = per_item * group;
+    int failed = 0;
+    int64_t total = 0;
+    for (int64_t b = 0; b < num_seqs; b++) total += context_lens[b];
+    /* A parallel region costs microseconds: only worth it when there is real work. */
+    const int parallel = num_threads > 1 && items > 1 && total * num_kv_heads >= 2048;
+
+#pragma omp parallel num_threads(num_threads) if (parallel) reduction(| : failed)
+    {
+        float *qf = malloc((size_t)(item_heads * head_dim) * sizeof(float));
+        float *acc = malloc((size_t)(item_heads * head_dim) * sizeof(float));
+        float *row = malloc((size_t)head_dim * sizeof(float));
+        float *scores = malloc((size_t)(item_heads * max_ctx) * sizeof(float));
+        float *inv_sum = malloc((size_t)item_heads * sizeof(float));
+        if (!qf || !acc || !row || !scores || !inv_sum) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            if (failed) continue;
+            const int64_t b = it / split, kh0 = (it % split) * per_item;
+            const int32_t *table = block_tables + b * max_blocks;
+            const int64_t ctx = context_lens[b];
+#ifdef HAVE_AVX512
+            if (head_dim % 16 == 0 && head_dim <= 16 * MAX_CHUNKS) {
+                if (dtype == 1)
+                    attend_avx512(q, k_cache, v_cache, table, ctx, out, b * num_heads, kh0,
+                                  per_item, group, head_dim, block_size, row_stride, max_ctx,
+                                  scale, 1, qf, acc, scores, inv_sum);
+                else
+                    attend_avx512(q, k_cache, v_cache, table, ctx, out, b * num_heads, kh0,
+                                  per_item, group, head_dim, block_size, row_stride, max_ctx,
+                                  scale, 0, qf, acc, scores, inv_sum);
+                continue;
+            }
+#endif
+            for (int64_t kh = kh0; kh < kh0 + per_item; kh++) {
+                const int64_t head0 = b * num_heads + kh * group;
+                if (dtype == 1)
+                    attend_one(q, k_cache, v_cache, table, ctx, out, head0, kh, group, head_dim,
+                               block_size, row_stride, max_ctx, scale, 1, qf, acc, row, scores,
+                               inv_sum);
+                else
+                    attend_one(q, k_cache, v_cache, table, ctx, out, head0, kh, group, head_dim,
+                               block_size, row_stride, max_ctx, scale, 0, qf, acc, row, scores,
+                               inv_sum);
+            }
+        }
+        free(qf);
+        free(acc);
+        free(row);
+        free(scores);
+        free(inv_sum);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,143 @@
+"""The C decode-attention kernel (layers/csrc) against plain softmax attention, and how the
+engine picks it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from inferhub.engine.device import resolve_backend
+from inferhub.layers import cpu_kernels
+
+CPU = torch.device("cpu")
+
+needs_kernel = pytest.mark.skipif(
+    cpu_kernels.library() is None, reason="no C compiler: the CPU kernels cannot be built"
+)
+
+
+def reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: list[list[int]],
+    ctx: list[int],
+    bs: int,
+    scale: float,
+) -> torch.Tensor:
+    h, hkv = q.shape[1], k_cache.shape[1]
+    out = []
+    for i, c in enumerate(ctx):
+        slots = torch.tensor([tables[i][p // bs] * bs + p % bs for p in range(c)])
+        k = k_cache[slots].double().repeat_interleave(h // hkv, dim=1)  # (c, H, D)
+        v = v_cache[slots].double().repeat_interleave(h // hkv, dim=1)
+        scores = torch.einsum("hd,chd->hc", q[i].double(), k) * scale
+        out.append(torch.einsum("hc,chd->hd", scores.softmax(-1), v))
+    return torch.stack(out)
+
+
+def run_case(
+    h: int, hkv: int, d: int, bs: int, ctx: list[int], dtype: torch.dtype, seed: int = 0
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    blocks_needed = sum(-(-c // bs) for c in ctx)
+    num_blocks = blocks_needed + 5
+    k_cache = torch.randn(num_blocks * bs, hkv, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks * bs, hkv, d, generator=gen).to(dtype)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()  # scattered blocks
+    tables = [[perm.pop() for _ in range(-(-c // bs))] for c in ctx]
+    width = max(len(t) for t in tables) + 1  # a wider table than any sequence needs
+    bt = torch.zeros(len(ctx), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    q = torch.randn(len(ctx), h, d, generator=gen).to(dtype)
+    scale = d**-0.5
+    out = cpu_kernels.paged_decode_attention(
+        q, k_cache, v_cache, bt, torch.tensor(ctx, dtype=torch.int32), bs, scale
+    )
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = reference(q, k_cache, v_cache, tables, ctx, bs, scale)
+    tol = 1e-5 if dtype is torch.float32 else 1.6e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("h", "hkv", "d", "bs"),
+    [
+        (9, 3, 64, 16),  # SmolLM2: AVX-512 path, GQA groups of 3
+        (28, 4, 128, 16),  # Qwen2-7B heads
+        (4, 4, 32, 8),  # no GQA
+        (6, 2, 40, 4),  # head_dim not a multiple of 16: the portable C path
+    ],
+)
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        [1],  # one token of context
+        [37],
+        [1, 16, 17, 300],  # block edges, few sequences: one work item per kv head
+        [5 + 7 * i for i in range(20)],  # many sequences: one work item per sequence
+    ],
+)
+def test_kernel_matches_softmax_attention(
+    h: int, hkv: int, d: int, bs: int, ctx: list[int], dtype: torch.dtype
+) -> None:
+    run_case(h, hkv, d, bs, ctx, dtype)
+
+
+@needs_kernel
+def test_kernel_uses_every_thread_count() -> None:
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            run_case(9, 3, 64, 16, [200 + 31 * i for i in range(12)], torch.bfloat16, seed=n)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_auto_backend_on_the_cpu_is_the_kernel_for_float32_and_bfloat16() -> None:
+    assert resolve_backend("auto", CPU, torch.bfloat16) == "cpu"
+    assert resolve_backend("auto", CPU, torch.float32) == "cpu"
+    assert resolve_backend("cpu", CPU, torch.float32) == "cpu"
+
+
+def test_without_the_kernel_auto_falls_back_and_cpu_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu_kernels.library.cache_clear()
+    monkeypatch.setenv("INFERHUB_DISABLE_CPU_KERNELS", "1")
+    try:
+        assert cpu_kernels.library() is None
+        assert resolve_backend("auto", CPU, torch.bfloat16) == "sdpa"
+        with pytest.raises(ValueError, match="C compiler"):
+            resolve_backend("cpu", CPU, torch.bfloat16)
+    finally:
+        cpu_kernels.library.cache_clear()
+
+
+@needs_kernel
+def test_build_goes_to_the_cache_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INFERHUB_KERNEL_CACHE", str(tmp_path))
+    compiler = cpu_kernels._compiler()
+    assert compiler is not None
+    first = cpu_kernels._build(compiler)
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels._build(compiler) == first  # same key: reused, not rebuilt
+    assert first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_a_failing_compiler_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERHUB_KERNEL_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_kernels._build("false")  # exits 1 without output
+    assert list(tmp_path.iterdir()) == []
