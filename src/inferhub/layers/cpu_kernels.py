@@ -27,8 +27,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention.c",)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+SOURCES = ("paged_attention.c", "norm_rotary.c")
+# No FMA contraction: the elementwise kernels reproduce torch's float32 rounding step by step.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -101,10 +102,23 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as exc:
         log.warning("CPU kernels unavailable, falling back to torch: %s", exc)
         return None
-    fn = lib.inferhub_paged_decode_attention
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr] * 6 + [i64] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "inferhub_paged_decode_attention": [ptr] * 6 + [i64] * 6 + [f32, i32, i32],
+        "inferhub_add_rms_norm": [ptr] * 5 + [i64] * 3 + [f32, i32, i32],
+        "inferhub_rotary_inplace": [ptr] * 4 + [i64] * 4 + [i32, i32],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available")
     return lib
 
 
@@ -123,9 +137,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """q: (B, H, D), one decode token per sequence; caches: (num_slots, Hkv, D);
     block_tables: (B, max_blocks) int32; context_lens: (B,) int32. Returns (B, H, D)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the CPU kernels are not available")
+    lib = _lib()
     assert q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in _DTYPES
     assert block_tables.dtype == context_lens.dtype == torch.int32
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -153,3 +165,59 @@ def paged_decode_attention(
     if rc != 0:
         raise MemoryError("paged decode attention could not allocate its scratch buffers")
     return out
+
+
+def rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual) * weight, x + residual) for x: (T, hidden), as RMSNorm.forward."""
+    lib = _lib()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    t, hidden = x.shape
+    assert weight.dtype == x.dtype and weight.is_contiguous() and x.dtype in _DTYPES
+    out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
+    res_out = None
+    if residual is not None:
+        assert residual.dtype == x.dtype and residual.shape == x.shape
+        residual = residual.contiguous()
+        res_out = torch.empty_like(out)
+    lib.inferhub_add_rms_norm(
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        None if res_out is None else res_out.data_ptr(),
+        t,
+        hidden,
+        x.stride(0),
+        eps,
+        _DTYPES[x.dtype],
+        torch.get_num_threads(),
+    )
+    return out, (x if res_out is None else res_out)
+
+
+def rotary_inplace(
+    qk: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
+) -> None:
+    """Rotate qk: (T, heads, D) in place; its heads must be contiguous within a token (a view
+    into the fused qkv output is fine). cos/sin caches: (max_pos, D / 2) float32."""
+    lib = _lib()
+    t, heads, d = qk.shape
+    assert qk.stride(2) == 1 and qk.stride(1) == d and qk.dtype in _DTYPES
+    assert cos_cache.dtype == sin_cache.dtype == torch.float32
+    assert cos_cache.is_contiguous() and sin_cache.is_contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    lib.inferhub_rotary_inplace(
+        qk.data_ptr(),
+        positions.data_ptr(),
+        cos_cache.data_ptr(),
+        sin_cache.data_ptr(),
+        t,
+        heads,
+        d,
+        qk.stride(0),
+        _DTYPES[qk.dtype],
+        torch.get_num_threads(),
+    )

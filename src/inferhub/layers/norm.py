@@ -12,7 +12,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.fused = False  # use the Triton kernel (CUDA)
+        self.fused = False  # one fused kernel: Triton on CUDA, C on the CPU (cpu_kernels)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # normalize in float32, cast back, then scale: the rounding of Hugging Face's RMSNorm
@@ -23,6 +23,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (norm(x + residual), x + residual); the sum is the next residual."""
+        if self.fused and x.device.type == "cpu":
+            from inferhub.layers.cpu_kernels import rms_norm as cpu_rms_norm
+
+            return cpu_rms_norm(x, residual, self.weight, self.eps)
         if self.fused:
             from inferhub.layers.triton_fused import rms_norm
 

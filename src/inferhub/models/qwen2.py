@@ -28,7 +28,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.backend = backend
-        self.fused = False  # rotary through the Triton kernel (CUDA)
+        self.fused = False  # rotary through one kernel: Triton on CUDA, C on the CPU
         self.qkv_proj = nn.Linear(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
@@ -48,7 +48,11 @@ class Attention(nn.Module):
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # rotate q and k heads together: (T, H + Hkv, D)
         qk = qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim)
-        if self.fused:
+        if self.fused and qk.device.type == "cpu":
+            from inferhub.layers.cpu_kernels import rotary_inplace as cpu_rotary_inplace
+
+            cpu_rotary_inplace(qk, positions, rotary.cos_cache, rotary.sin_cache)
+        elif self.fused:
             from inferhub.layers.triton_fused import rotary_inplace
 
             rotary_inplace(qk, positions, rotary.cos_cache, rotary.sin_cache)
@@ -130,12 +134,13 @@ class Qwen2ForCausalLM(nn.Module):
         return x
 
     def set_attention_backend(self, backend: str) -> None:
-        """Pick the attention backend; "triton" also turns on the fused Triton kernels."""
+        """Pick the attention backend; "triton" and "cpu" also turn on their fused RMSNorm and
+        rotary kernels."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend = backend
             if isinstance(module, (Attention, RMSNorm)):
-                module.fused = backend == "triton"
+                module.fused = backend in ("triton", "cpu")
 
     def use_int8_lm_head(self) -> None:
         """Small batches compute logits on 8-bit rows of the output projection (bf16 only)."""

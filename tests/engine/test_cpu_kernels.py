@@ -1,5 +1,5 @@
-"""The C decode-attention kernel (layers/csrc) against plain softmax attention, and how the
-engine picks it."""
+"""The C kernels (layers/csrc): decode attention against plain softmax attention, RMSNorm and
+rotary against the torch code they replace; how the engine picks them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 
 from inferhub.engine.device import resolve_backend
 from inferhub.layers import cpu_kernels
+from inferhub.layers.norm import RMSNorm
+from inferhub.layers.rotary import RotaryEmbedding, apply_rotary
 
 CPU = torch.device("cpu")
 
@@ -141,3 +143,51 @@ def test_a_failing_compiler_is_reported(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(RuntimeError, match="failed"):
         cpu_kernels._build("false")  # exits 1 without output
     assert list(tmp_path.iterdir()) == []
+
+
+def ulp_mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of elements that differ (bf16: by more than nothing at all)."""
+    return (a != b).float().mean().item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 300])  # 300 x 576: the parallel path
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_the_torch_path(
+    dtype: torch.dtype, rows: int, with_residual: bool
+) -> None:
+    torch.manual_seed(rows)
+    hidden = 576
+    norm = RMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden))
+    wide = torch.randn(rows, hidden + 64).to(dtype)
+    x = wide[:, :hidden]  # rows further apart than hidden, as a slice of a wider output
+    residual = torch.randn(rows, hidden).to(dtype) if with_residual else None
+    with torch.inference_mode():
+        ref_out, ref_res = norm(x, residual)
+        out, res = cpu_kernels.rms_norm(x, residual, norm.weight, norm.eps)
+    assert torch.equal(res, ref_res)  # the residual sum is rounded exactly as torch does
+    if dtype is torch.float32:
+        torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    else:  # the float32 sum of squares may differ in its last bit, rarely moving a bf16 value
+        assert ulp_mismatch(out, ref_out) < 0.01
+        torch.testing.assert_close(out.float(), ref_out.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 200])
+def test_rotary_in_place_matches_apply_rotary(dtype: torch.dtype, tokens: int) -> None:
+    torch.manual_seed(tokens)
+    heads, kv_heads, d = 9, 3, 64
+    rotary = RotaryEmbedding(d, 4096, 10000.0)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d).to(dtype)
+    qk = qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d)
+    positions = torch.randint(0, 4096, (tokens,))
+    ref = apply_rotary(qk, *rotary.cos_sin(positions, dtype))
+    v_before = qkv[:, (heads + kv_heads) * d :].clone()
+    cpu_kernels.rotary_inplace(qk, positions, rotary.cos_cache, rotary.sin_cache)
+    assert torch.equal(qk, ref)  # every product and sum rounded as torch rounds it
+    assert torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)  # v untouched
