@@ -10,6 +10,7 @@ import torch
 
 from inferhub.engine.device import resolve_backend
 from inferhub.layers import cpu_kernels
+from inferhub.layers.activation import silu_and_mul
 from inferhub.layers.norm import RMSNorm
 from inferhub.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -191,3 +192,36 @@ def test_rotary_in_place_matches_apply_rotary(dtype: torch.dtype, tokens: int) -
     cpu_kernels.rotary_inplace(qk, positions, rotary.cos_cache, rotary.sin_cache)
     assert torch.equal(qk, ref)  # every product and sum rounded as torch rounds it
     assert torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)  # v untouched
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "inter"), [(1, 1536), (3, 37), (64, 1536)])  # 37: the tail
+def test_silu_and_mul_matches_the_torch_path(dtype: torch.dtype, rows: int, inter: int) -> None:
+    torch.manual_seed(inter)
+    gate_up = (4 * torch.randn(rows, 2 * inter)).to(dtype)
+    gate_up[0, :3] = torch.tensor([-200.0, 200.0, 0.0])  # exp under- and overflow
+    ref = silu_and_mul(gate_up)
+    out = cpu_kernels.silu_and_mul(gate_up)
+    if dtype is torch.float32:
+        torch.testing.assert_close(out, ref, rtol=2e-6, atol=1e-6)
+    else:  # exp differs from torch's in the last float32 bit, rarely moving a bf16 value
+        assert ulp_mismatch(out, ref) < 0.01
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_fills_the_slots_from_strided_rows(dtype: torch.dtype) -> None:
+    t, hkv, d = 5, 3, 16
+    qkv = torch.randn(t, (4 + 2 * hkv) * d).to(dtype)
+    k = qkv[:, 4 * d : (4 + hkv) * d].view(t, hkv, d)  # views into a wider row, as in a layer
+    v = qkv[:, (4 + hkv) * d :].view(t, hkv, d)
+    k_cache = torch.zeros(40, hkv, d, dtype=dtype)
+    v_cache = torch.zeros(40, hkv, d, dtype=dtype)
+    slots = torch.tensor([7, 0, 39, 12, 13])
+    cpu_kernels.write_kv(k, v, k_cache, v_cache, slots)
+    ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    ref_k.index_copy_(0, slots, k)
+    ref_v.index_copy_(0, slots, v)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)

@@ -127,8 +127,13 @@ def paged_attention(
     backend: str = "sdpa",
 ) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D); caches: (num_slots, Hkv, D). Returns (T, H, D)."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    if backend == "cpu":
+        from inferhub.layers.cpu_kernels import write_kv
+
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
     nd = meta.num_decode_tokens
     decode_out: torch.Tensor | None = None
     if backend == "triton" and nd > 0:

@@ -27,7 +27,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention.c", "norm_rotary.c")
+SOURCES = ("paged_attention.c", "elementwise.c")
+HEADERS = ("simd.h",)
 # No FMA contraction: the elementwise kernels reproduce torch's float32 rounding step by step.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -66,7 +67,8 @@ def _build(compiler: str) -> Path:
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
     key = hashlib.sha256()
-    for part in (*[p.read_bytes() for p in sources], " ".join(FLAGS).encode()):
+    headers = [src_dir / name for name in HEADERS]
+    for part in (*[p.read_bytes() for p in sources + headers], " ".join(FLAGS).encode()):
         key.update(part)
     key.update(version.encode())
     key.update(_cpu_signature().encode())
@@ -107,6 +109,8 @@ def library() -> ctypes.CDLL | None:
         "inferhub_paged_decode_attention": [ptr] * 6 + [i64] * 6 + [f32, i32, i32],
         "inferhub_add_rms_norm": [ptr] * 5 + [i64] * 3 + [f32, i32, i32],
         "inferhub_rotary_inplace": [ptr] * 4 + [i64] * 4 + [i32, i32],
+        "inferhub_silu_and_mul": [ptr] * 2 + [i64] * 2 + [i32, i32],
+        "inferhub_write_kv": [ptr] * 5 + [i64] * 4 + [i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -220,4 +224,48 @@ def rotary_inplace(
         qk.stride(0),
         _DTYPES[qk.dtype],
         torch.get_num_threads(),
+    )
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up: (T, 2 * I) = [gate | up]; returns (T, I)."""
+    lib = _lib()
+    gate_up = gate_up.contiguous()
+    t, width = gate_up.shape
+    out = torch.empty(t, width // 2, dtype=gate_up.dtype, device=gate_up.device)
+    lib.inferhub_silu_and_mul(
+        gate_up.data_ptr(),
+        out.data_ptr(),
+        t,
+        width // 2,
+        _DTYPES[gate_up.dtype],
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """k, v: (T, Hkv, D) with each token's heads contiguous; caches (num_slots, Hkv, D)."""
+    lib = _lib()
+    t, hkv, d = k.shape
+    assert k.stride(1) == d and k.stride(2) == 1 and v.stride(1) == d and v.stride(2) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k.dtype == k_cache.dtype
+    assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+    lib.inferhub_write_kv(
+        k.data_ptr(),
+        v.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slot_mapping.data_ptr(),
+        t,
+        hkv * d,
+        k.stride(0),
+        v.stride(0),
+        _DTYPES[k.dtype],
     )

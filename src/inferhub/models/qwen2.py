@@ -69,9 +69,15 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = False  # the C kernel for SiLU-and-multiply (cpu backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.fused:
+            from inferhub.layers.cpu_kernels import silu_and_mul as cpu_silu_and_mul
+
+            return self.down_proj(cpu_silu_and_mul(gate_up))
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -135,12 +141,14 @@ class Qwen2ForCausalLM(nn.Module):
 
     def set_attention_backend(self, backend: str) -> None:
         """Pick the attention backend; "triton" and "cpu" also turn on their fused RMSNorm and
-        rotary kernels."""
+        rotary kernels ("cpu" its SiLU-and-multiply too)."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend = backend
             if isinstance(module, (Attention, RMSNorm)):
                 module.fused = backend in ("triton", "cpu")
+            if isinstance(module, MLP):
+                module.fused = backend == "cpu"
 
     def use_int8_lm_head(self) -> None:
         """Small batches compute logits on 8-bit rows of the output projection (bf16 only)."""

@@ -49,37 +49,9 @@ static inline void store_row(void *dst, int64_t index, int64_t n, int dtype, con
     }
 }
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define HAVE_AVX512 1
+#include "simd.h"
 
-/* 16 values of the row at element `index` as float32 lanes. */
-static inline __attribute__((always_inline)) __m512 load16(const void *src, int64_t index,
-                                                           int dtype) {
-    if (dtype == 1) {
-        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + index));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_loadu_ps((const float *)src + index);
-}
-
-/* exp(x) for x <= 0: 2^n * e^g with |g| <= ln(2)/2, Taylor to degree 7 (rel. error < 1e-7). */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 g = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
+#ifdef HAVE_AVX512
 /* Softmax numerators of s[0:n] in place; returns 1 / their sum. */
 static inline float softmax512(float *s, int64_t n) {
     __m512 vm = _mm512_set1_ps(-INFINITY);

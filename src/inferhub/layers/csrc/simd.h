@@ -1,0 +1,65 @@
+/* AVX-512 helpers shared by the CPU kernels (HAVE_AVX512 is defined when they exist). */
+#ifndef INFERHUB_SIMD_H
+#define INFERHUB_SIMD_H
+#include <stdint.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+
+/* 16 values of the row at element `index` as float32 lanes. */
+static inline __attribute__((always_inline)) __m512 load16(const void *src, int64_t index,
+                                                           int dtype) {
+    if (dtype == 1) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + index));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)src + index);
+}
+
+/* exp(x) = 2^n * e^g with |g| <= ln(2)/2, Taylor to degree 7 (relative error < 1e-7);
+ * +inf above about 88.7, 0 below about -100. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 g = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The bfloat16 bit patterns (in the low half of each 32-bit lane) of 16 floats, rounded to
+ * nearest even as torch rounds; NaN stays NaN. */
+static inline __m512i bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    r = _mm512_srli_epi32(r, 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_mask_mov_epi32(r, nan, quiet);
+}
+
+/* v as the dtype would store it, back in float32 lanes (bfloat16: rounded). */
+static inline __m512 round16(__m512 v, int dtype) {
+    if (dtype != 1) return v;
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
+}
+
+static inline __attribute__((always_inline)) void store16(void *dst, int64_t index, __m512 v,
+                                                          int dtype) {
+    if (dtype == 1)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + index),
+                            _mm512_cvtepi32_epi16(bf16_bits(v)));
+    else
+        _mm512_storeu_ps((float *)dst + index, v);
+}
+#endif /* __AVX512F__ */
+#endif /* INFERHUB_SIMD_H */
