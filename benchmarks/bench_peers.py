@@ -126,7 +126,7 @@ def worker_inferhub(spec: dict[str, Any]) -> dict[str, Any]:
     llm = engine(spec["inferhub_max_seqs"])
     timed(llm, [w["single"]["prompts"][-1]], [4])  # warm-up
     out.update(single_and_prefill(lambda p, n: timed(llm, [p], [n])[0], w))
-    for name in ("fixed", "random"):
+    for name in spec["offline"]:
         dt, n = timed(llm, w[name]["prompts"], w[name]["output_lens"])
         out[name] = {"tok_s": n / dt, "seconds": dt, "output_tokens": n}
         log(f"inferhub {name}: {n / dt:.1f} tok/s ({dt:.1f} s)")
@@ -195,7 +195,7 @@ def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
 
     run([w["single"]["prompts"][-1]], 4)  # warm-up
     out.update(single_and_prefill(lambda p, n: run([p], n), w))
-    for name in ("fixed", "random"):
+    for name in spec["offline"]:
         prompts, lens = w[name]["prompts"], w[name]["output_lens"]
         # Static batches of requests sorted by output length; a batch runs to its longest
         # output and only the requested tokens count.
@@ -340,7 +340,7 @@ def worker_llama(spec: dict[str, Any]) -> dict[str, Any]:
     gen(w["single"]["prompts"][-1], 4)  # warm-up
     out.update(single_and_prefill(gen, w))
     model = llm.model  # the loaded llama_model pointer, shared by the batched contexts
-    for name in ("fixed", "random"):
+    for name in spec["offline"]:
         prompts, lens = w[name]["prompts"], w[name]["output_lens"]
         ctx_per_seq = max(len(p) + n for p, n in zip(prompts, lens, strict=True)) + 16
         configs = spec["llama_parallel"] if name == "fixed" else [out["fixed"]["best_parallel"]]
@@ -662,6 +662,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small workloads: checks it all works")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset")
     ap.add_argument("--no-serve", action="store_true", help="skip the served comparison")
+    ap.add_argument(
+        "--offline",
+        default="fixed,random",
+        help="offline workloads to run (fixed: 64x128/128; random: 256 of [16, 512])",
+    )
     ap.add_argument("--concurrency", default=None, help="served levels (default 1,8,16,32)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of single and prefill")
     ap.add_argument("--seed", type=int, default=0)
@@ -726,6 +731,7 @@ def main() -> None:
         "llama_n_batch": args.llama_n_batch,
         "llama_n_ubatch": args.llama_n_ubatch,
         "llama_kv_unified": args.llama_kv_unified,
+        "offline": [w for w in args.offline.split(",") if w],
     }
     report: dict[str, Any] = {"engines": {}}
     timings: dict[str, float] = {}
@@ -775,6 +781,7 @@ def main() -> None:
                 "length_range": workloads["random"]["range"],
                 "output_tokens": offline_tokens(workloads["random"]),
             },
+            "offline_run": spec["offline"],
             "seed": args.seed,
             "reps": args.reps,
         },
