@@ -55,12 +55,13 @@ def run_case(
     bt = torch.zeros(len(ctx), width, dtype=torch.int32)
     for i, t in enumerate(tables):
         bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    q = torch.randn(len(ctx), h, d, generator=gen).to(dtype)
+    # q as a view into a wider row (as it is a slice of the fused qkv output in a layer)
+    q = torch.randn(len(ctx), h + 2, d, generator=gen).to(dtype)[:, :h]
     scale = d**-0.5
     out = cpu_kernels.paged_decode_attention(
         q, k_cache, v_cache, bt, torch.tensor(ctx, dtype=torch.int32), bs, scale
     )
-    assert out.dtype == dtype and out.shape == q.shape
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
     ref = reference(q, k_cache, v_cache, tables, ctx, bs, scale)
     tol = 1e-5 if dtype is torch.float32 else 1.6e-2  # bf16: the output's own rounding
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)

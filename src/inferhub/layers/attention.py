@@ -10,6 +10,7 @@ cpu_kernels.py; prefill chunks as "sdpa") and "triton" on CUDA (see triton_atten
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,18 @@ def _attend_group(
     return out[group.q_valid]  # (N, H, D)
 
 
+def _decode_kernel(backend: str) -> Callable[..., torch.Tensor]:
+    """The decode kernel of a backend that walks the block tables itself:
+    (q, k_cache, v_cache, block_tables, context_lens, block_size, scale) -> out."""
+    if backend == "triton":
+        from inferhub.layers import triton_attention
+
+        return triton_attention.paged_decode_attention
+    from inferhub.layers import cpu_kernels
+
+    return cpu_kernels.paged_decode_attention
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,11 +149,9 @@ def paged_attention(
         v_cache.index_copy_(0, meta.slot_mapping, v)
     nd = meta.num_decode_tokens
     decode_out: torch.Tensor | None = None
-    if backend == "triton" and nd > 0:
-        from inferhub.layers.triton_attention import paged_decode_attention
-
+    if backend in ("triton", "cpu") and nd > 0:
         assert meta.block_tables is not None and meta.context_lens is not None
-        decode_out = paged_decode_attention(
+        decode_out = _decode_kernel(backend)(
             q[:nd],
             k_cache,
             v_cache,
@@ -149,27 +160,12 @@ def paged_attention(
             meta.block_size,
             scale,
         )
-        backend = "sdpa"
-    elif backend == "cpu" and nd > 0:
-        from inferhub.layers.cpu_kernels import paged_decode_attention as cpu_decode
-
-        assert meta.block_tables is not None and meta.context_lens is not None
-        decode_out = cpu_decode(
-            q[:nd],
-            k_cache,
-            v_cache,
-            meta.block_tables[:nd],
-            meta.context_lens[:nd],
-            meta.block_size,
-            scale,
-        )
-        backend = "sdpa"
     elif meta.decode is not None:
         decode_out = _attend_group(
             q[:nd], k_cache, v_cache, meta.decode, scale, backend, meta.block_size
         )
-    if backend == "cpu":
-        backend = "sdpa"  # prefill chunks only
+    if backend in ("triton", "cpu"):
+        backend = "sdpa"  # their prefill chunks
     if meta.prefill is None:
         assert decode_out is not None
         return decode_out

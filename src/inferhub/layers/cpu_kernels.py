@@ -106,7 +106,7 @@ def library() -> ctypes.CDLL | None:
         return None
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     signatures = {
-        "inferhub_paged_decode_attention": [ptr] * 6 + [i64] * 6 + [f32, i32, i32],
+        "inferhub_paged_decode_attention": [ptr] * 6 + [i64] * 7 + [f32, i32, i32],
         "inferhub_add_rms_norm": [ptr] * 5 + [i64] * 3 + [f32, i32, i32],
         "inferhub_rotary_inplace": [ptr] * 4 + [i64] * 4 + [i32, i32],
         "inferhub_silu_and_mul": [ptr] * 2 + [i64] * 2 + [i32, i32],
@@ -139,23 +139,25 @@ def paged_decode_attention(
     block_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """q: (B, H, D), one decode token per sequence; caches: (num_slots, Hkv, D);
-    block_tables: (B, max_blocks) int32; context_lens: (B,) int32. Returns (B, H, D)."""
-    lib = _lib()
-    assert q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in _DTYPES
-    assert block_tables.dtype == context_lens.dtype == torch.int32
-    assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    q = q.contiguous()
-    block_tables = block_tables.contiguous()
+    """q: (B, H, D), one decode token per sequence, each token's heads contiguous (a view into
+    the fused qkv output is fine); caches: (num_slots, Hkv, D) contiguous; block_tables:
+    (B, max_blocks) int32; context_lens: (B,) int32. Returns (B, H, D).
+
+    The wrappers here check only what the C code cannot survive (they run about 200 times
+    per decode step: each check costs as much as the kernel for a small batch)."""
+    assert block_tables.dtype == context_lens.dtype == torch.int32 and q.dtype == k_cache.dtype
     b, h, d = q.shape
-    out = torch.empty_like(q)
-    rc = lib.inferhub_paged_decode_attention(
+    if q.stride(2) != 1 or q.stride(1) != d:
+        q = q.contiguous()
+    out = torch.empty(b, h, d, dtype=q.dtype)
+    rc = _lib().inferhub_paged_decode_attention(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         block_tables.data_ptr(),
         context_lens.data_ptr(),
         out.data_ptr(),
+        q.stride(0),
         b,
         h,
         k_cache.shape[1],
@@ -174,24 +176,23 @@ def paged_decode_attention(
 def rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual) * weight, x + residual) for x: (T, hidden), as RMSNorm.forward."""
-    lib = _lib()
+    """(norm(x + residual) * weight, x + residual) for x: (T, hidden), as RMSNorm.forward,
+    except that the sum is written over `residual` (the model drops the old residual; this
+    saves an allocation per call)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     t, hidden = x.shape
-    assert weight.dtype == x.dtype and weight.is_contiguous() and x.dtype in _DTYPES
-    out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
-    res_out = None
+    assert weight.dtype == x.dtype
+    out = torch.empty(t, hidden, dtype=x.dtype)
     if residual is not None:
         assert residual.dtype == x.dtype and residual.shape == x.shape
         residual = residual.contiguous()
-        res_out = torch.empty_like(out)
-    lib.inferhub_add_rms_norm(
+    _lib().inferhub_add_rms_norm(
         x.data_ptr(),
         None if residual is None else residual.data_ptr(),
         weight.data_ptr(),
         out.data_ptr(),
-        None if res_out is None else res_out.data_ptr(),
+        None if residual is None else residual.data_ptr(),
         t,
         hidden,
         x.stride(0),
@@ -199,7 +200,7 @@ def rms_norm(
         _DTYPES[x.dtype],
         torch.get_num_threads(),
     )
-    return out, (x if res_out is None else res_out)
+    return out, (x if residual is None else residual)
 
 
 def rotary_inplace(
@@ -207,13 +208,11 @@ def rotary_inplace(
 ) -> None:
     """Rotate qk: (T, heads, D) in place; its heads must be contiguous within a token (a view
     into the fused qkv output is fine). cos/sin caches: (max_pos, D / 2) float32."""
-    lib = _lib()
     t, heads, d = qk.shape
-    assert qk.stride(2) == 1 and qk.stride(1) == d and qk.dtype in _DTYPES
-    assert cos_cache.dtype == sin_cache.dtype == torch.float32
-    assert cos_cache.is_contiguous() and sin_cache.is_contiguous()
-    positions = positions.to(torch.int64).contiguous()
-    lib.inferhub_rotary_inplace(
+    assert qk.stride(2) == 1 and qk.stride(1) == d and cos_cache.dtype == torch.float32
+    if positions.dtype != torch.int64:
+        positions = positions.to(torch.int64)
+    _lib().inferhub_rotary_inplace(
         qk.data_ptr(),
         positions.data_ptr(),
         cos_cache.data_ptr(),
@@ -229,11 +228,10 @@ def rotary_inplace(
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up: (T, 2 * I) = [gate | up]; returns (T, I)."""
-    lib = _lib()
     gate_up = gate_up.contiguous()
     t, width = gate_up.shape
-    out = torch.empty(t, width // 2, dtype=gate_up.dtype, device=gate_up.device)
-    lib.inferhub_silu_and_mul(
+    out = torch.empty(t, width // 2, dtype=gate_up.dtype)
+    _lib().inferhub_silu_and_mul(
         gate_up.data_ptr(),
         out.data_ptr(),
         t,
@@ -252,12 +250,10 @@ def write_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """k, v: (T, Hkv, D) with each token's heads contiguous; caches (num_slots, Hkv, D)."""
-    lib = _lib()
     t, hkv, d = k.shape
     assert k.stride(1) == d and k.stride(2) == 1 and v.stride(1) == d and v.stride(2) == 1
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k.dtype == k_cache.dtype
-    assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
-    lib.inferhub_write_kv(
+    assert k.dtype == k_cache.dtype and slot_mapping.dtype == torch.int64
+    _lib().inferhub_write_kv(
         k.data_ptr(),
         v.data_ptr(),
         k_cache.data_ptr(),

@@ -6,7 +6,8 @@
  * (GQA) are processed together so each key and value row is read once. Arithmetic in float32.
  *
  * Layouts (all contiguous):
- *   q, out:        (num_seqs, num_heads, head_dim)
+ *   q:             (num_seqs, num_heads, head_dim), sequences q_stride elements apart
+ *   out:           (num_seqs, num_heads, head_dim), contiguous
  *   k/v cache:     (num_slots, num_kv_heads, head_dim); slot = block * block_size + offset
  *   block_tables:  (num_seqs, max_blocks) int32
  *   context_lens:  (num_seqs,) int32, each in [1, max_blocks * block_size]
@@ -16,6 +17,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "simd.h"
 
 static inline void load_row(const void *src, int64_t index, int64_t n, int dtype, float *dst) {
     if (dtype == 1) {
@@ -48,8 +51,6 @@ static inline void store_row(void *dst, int64_t index, int64_t n, int dtype, con
         memcpy((float *)dst + index, src, (size_t)n * sizeof(float));
     }
 }
-
-#include "simd.h"
 
 #ifdef HAVE_AVX512
 /* Softmax numerators of s[0:n] in place; returns 1 / their sum. */
@@ -92,7 +93,8 @@ static inline void prefetch_block(const void *cache, int64_t first_slot, int64_t
  * one kv head alone are strided, which DRAM streaming handles poorly). */
 static inline __attribute__((always_inline)) void attend_avx512(
     const void *q, const void *k_cache, const void *v_cache, const int32_t *table, int64_t ctx,
-    void *out, int64_t seq_head0, int64_t kh0, int64_t nkh, int64_t group, int64_t head_dim,
+    int64_t q_seq, void *out, int64_t seq_head0, int64_t kh0, int64_t nkh, int64_t group,
+    int64_t head_dim,
     int64_t block_size, int64_t row_stride, int64_t max_ctx, float scale, int dtype, float *qf,
     float *acc, float *scores, float *inv_sum) {
     const int64_t nc = head_dim / 16;
@@ -102,7 +104,8 @@ static inline __attribute__((always_inline)) void attend_avx512(
     for (int64_t h = 0; h < nh; h++)
         for (int64_t c = 0; c < nc; c++)
             _mm512_storeu_ps(qf + (h * nc + c) * 16,
-                             _mm512_mul_ps(load16(q, (head0 + h) * head_dim + c * 16, dtype),
+                             _mm512_mul_ps(load16(q, q_seq + (kh0 * group + h) * head_dim + c * 16,
+                                                  dtype),
                                            vscale));
     const int64_t nblocks = (ctx + block_size - 1) / block_size;
     for (int64_t bi = 0; bi < nblocks; bi++) {
@@ -166,12 +169,13 @@ static inline __attribute__((always_inline)) void attend_avx512(
  * conversions specialise and vectorise. */
 static inline __attribute__((always_inline)) void attend_one(
     const void *q, const void *k_cache, const void *v_cache, const int32_t *table, int64_t ctx,
-    void *out, int64_t head0, int64_t kh, int64_t group, int64_t head_dim, int64_t block_size,
+    int64_t q_seq, void *out, int64_t head0, int64_t kh, int64_t group, int64_t head_dim,
+    int64_t block_size,
     int64_t row_stride, int64_t max_ctx, float scale, int dtype, float *qf, float *acc,
     float *row, float *scores, float *inv_sum) {
     for (int64_t g = 0; g < group; g++) {
         float *qg = qf + g * head_dim;
-        load_row(q, (head0 + g) * head_dim, head_dim, dtype, qg);
+        load_row(q, q_seq + (kh * group + g) * head_dim, head_dim, dtype, qg);
         for (int64_t d = 0; d < head_dim; d++) qg[d] *= scale;
     }
     const int64_t nblocks = (ctx + block_size - 1) / block_size;
@@ -227,7 +231,8 @@ static inline __attribute__((always_inline)) void attend_one(
 
 int inferhub_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache,
                                     const int32_t *block_tables, const int32_t *context_lens,
-                                    void *out, int64_t num_seqs, int64_t num_heads,
+                                    void *out, int64_t q_stride, int64_t num_seqs,
+                                    int64_t num_heads,
                                     int64_t num_kv_heads, int64_t head_dim, int64_t max_blocks,
                                     int64_t block_size, float scale, int dtype, int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
@@ -264,26 +269,26 @@ int inferhub_paged_decode_attention(const void *q, const void *k_cache, const vo
 #ifdef HAVE_AVX512
             if (head_dim % 16 == 0 && head_dim <= 16 * MAX_CHUNKS) {
                 if (dtype == 1)
-                    attend_avx512(q, k_cache, v_cache, table, ctx, out, b * num_heads, kh0,
-                                  per_item, group, head_dim, block_size, row_stride, max_ctx,
-                                  scale, 1, qf, acc, scores, inv_sum);
+                    attend_avx512(q, k_cache, v_cache, table, ctx, b * q_stride, out,
+                                  b * num_heads, kh0, per_item, group, head_dim, block_size,
+                                  row_stride, max_ctx, scale, 1, qf, acc, scores, inv_sum);
                 else
-                    attend_avx512(q, k_cache, v_cache, table, ctx, out, b * num_heads, kh0,
-                                  per_item, group, head_dim, block_size, row_stride, max_ctx,
-                                  scale, 0, qf, acc, scores, inv_sum);
+                    attend_avx512(q, k_cache, v_cache, table, ctx, b * q_stride, out,
+                                  b * num_heads, kh0, per_item, group, head_dim, block_size,
+                                  row_stride, max_ctx, scale, 0, qf, acc, scores, inv_sum);
                 continue;
             }
 #endif
             for (int64_t kh = kh0; kh < kh0 + per_item; kh++) {
                 const int64_t head0 = b * num_heads + kh * group;
                 if (dtype == 1)
-                    attend_one(q, k_cache, v_cache, table, ctx, out, head0, kh, group, head_dim,
-                               block_size, row_stride, max_ctx, scale, 1, qf, acc, row, scores,
-                               inv_sum);
+                    attend_one(q, k_cache, v_cache, table, ctx, b * q_stride, out, head0, kh,
+                               group, head_dim, block_size, row_stride, max_ctx, scale, 1, qf,
+                               acc, row, scores, inv_sum);
                 else
-                    attend_one(q, k_cache, v_cache, table, ctx, out, head0, kh, group, head_dim,
-                               block_size, row_stride, max_ctx, scale, 0, qf, acc, row, scores,
-                               inv_sum);
+                    attend_one(q, k_cache, v_cache, table, ctx, b * q_stride, out, head0, kh,
+                               group, head_dim, block_size, row_stride, max_ctx, scale, 0, qf,
+                               acc, row, scores, inv_sum);
             }
         }
         free(qf);
