@@ -140,6 +140,8 @@ class Int4Linear(_LowBitLinear):
     """Small calls on packed 4-bit weights (torch's int4pack kernel), large ones dense."""
 
     bits = 4
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
 
     def __init__(self, linear: nn.Linear, weight: Int4Weight, max_rows: int) -> None:
         n, k = weight.shape
@@ -157,7 +159,8 @@ class Int4Linear(_LowBitLinear):
         self.register_buffer("scales_zeros", scales_zeros.to(device, dtype), persistent=False)
 
     def _small(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+        # the torch.* binding: about 3 us less per call than torch.ops.aten's packet
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
 
 
 class Int8Linear(_LowBitLinear):
@@ -168,6 +171,8 @@ class Int8Linear(_LowBitLinear):
     """
 
     bits = 8
+    q: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, linear: nn.Linear, max_rows: int = INT8_MAX_ROWS) -> None:
         if linear.weight.dtype != torch.bfloat16 or linear.weight.device.type != "cpu":
@@ -182,4 +187,4 @@ class Int8Linear(_LowBitLinear):
     def _small(self, x: torch.Tensor) -> torch.Tensor | None:
         if x.dtype != torch.bfloat16:
             return None
-        return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return torch._weight_int8pack_mm(x, self.q, self.scale)
