@@ -1,4 +1,9 @@
-"""Qwen2 and Llama decoder models over the paged KV cache (Llama = Qwen2 without q/k/v bias)."""
+"""Qwen2 and Llama decoder models over the paged KV cache (Llama = Qwen2 without q/k/v bias).
+
+Inside the decoder, submodules are called through `.forward`: `nn.Module.__call__` costs
+about 2 us (the hook machinery; no hooks are registered on these modules) and a decode step
+makes about 270 such calls, 4% of a single-stream step on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)  # (T, q + 2kv)
+        qkv = self.qkv_proj.forward(x)  # (T, q + 2kv)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # rotate q and k heads together: (T, H + Hkv, D)
         qk = qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -61,7 +66,7 @@ class Attention(nn.Module):
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # (T, H, D), (T, Hkv, D)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.backend)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return self.o_proj.forward(out.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
@@ -72,12 +77,12 @@ class MLP(nn.Module):
         self.fused = False  # the C kernel for SiLU-and-multiply (cpu backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        gate_up = self.gate_up_proj.forward(x)
         if self.fused:
             from inferhub.layers.cpu_kernels import silu_and_mul as cpu_silu_and_mul
 
-            return self.down_proj(cpu_silu_and_mul(gate_up))
-        return self.down_proj(silu_and_mul(gate_up))
+            return self.down_proj.forward(cpu_silu_and_mul(gate_up))
+        return self.down_proj.forward(silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -98,10 +103,10 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos_sin, kv_cache, meta, positions, rotary)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        h, residual = self.input_layernorm.forward(x, residual)
+        h = self.self_attn.forward(h, cos_sin, kv_cache, meta, positions, rotary)
+        h, residual = self.post_attention_layernorm.forward(h, residual)
+        return self.mlp.forward(h), residual
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -135,8 +140,10 @@ class Qwen2ForCausalLM(nn.Module):
         cos_sin = (x, x) if fused else self.rotary.cos_sin(positions, x.dtype)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, cos_sin, kv_cache, meta, positions, self.rotary)
-        x, _ = self.norm(x, residual)
+            x, residual = layer.forward(
+                x, residual, cos_sin, kv_cache, meta, positions, self.rotary
+            )
+        x, _ = self.norm.forward(x, residual)
         return x
 
     def set_attention_backend(self, backend: str) -> None:
