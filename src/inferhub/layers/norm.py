@@ -22,7 +22,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (norm(x + residual), x + residual); the sum is the next residual."""
+        """Return (norm(x + residual), x + residual); the sum is the next residual. The fused
+        CPU kernel writes the sum over `residual` (the caller drops the old one)."""
         if self.fused and x.device.type == "cpu":
             from inferhub.layers.cpu_kernels import rms_norm as cpu_rms_norm
 
