@@ -18,11 +18,8 @@ from inferhub.engine.scheduler import SchedulerOutput
 if TYPE_CHECKING:
     from inferhub.engine.cuda_graphs import DecodeGraphs
 from inferhub.engine.sequence import Sequence
-from inferhub.layers.attention import AttentionGroup, AttentionMetadata
+from inferhub.layers.attention import KERNEL_BACKENDS, AttentionGroup, AttentionMetadata
 from inferhub.models.qwen2 import KVCache, Qwen2ForCausalLM
-
-# Backends whose decode kernel walks the block tables itself (no padded context group).
-KERNEL_BACKENDS = ("triton", "cpu")
 
 
 @dataclass

@@ -16,6 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from inferhub.layers import cpu_kernels
+
+# Backends whose decode kernel walks the block tables itself (no padded context group); they
+# also bring fused RMSNorm and rotary kernels.
+KERNEL_BACKENDS = ("triton", "cpu")
+
 
 @dataclass
 class AttentionGroup:
@@ -124,8 +130,6 @@ def _decode_kernel(backend: str) -> Callable[..., torch.Tensor]:
         from inferhub.layers import triton_attention
 
         return triton_attention.paged_decode_attention
-    from inferhub.layers import cpu_kernels
-
     return cpu_kernels.paged_decode_attention
 
 
@@ -141,15 +145,13 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D); caches: (num_slots, Hkv, D). Returns (T, H, D)."""
     if backend == "cpu":
-        from inferhub.layers.cpu_kernels import write_kv
-
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        cpu_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     else:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
     nd = meta.num_decode_tokens
     decode_out: torch.Tensor | None = None
-    if backend in ("triton", "cpu") and nd > 0:
+    if backend in KERNEL_BACKENDS and nd > 0:
         assert meta.block_tables is not None and meta.context_lens is not None
         decode_out = _decode_kernel(backend)(
             q[:nd],
@@ -164,7 +166,7 @@ def paged_attention(
         decode_out = _attend_group(
             q[:nd], k_cache, v_cache, meta.decode, scale, backend, meta.block_size
         )
-    if backend in ("triton", "cpu"):
+    if backend in KERNEL_BACKENDS:
         backend = "sdpa"  # their prefill chunks
     if meta.prefill is None:
         assert decode_out is not None

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferhub.layers import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
@@ -25,9 +27,7 @@ class RMSNorm(nn.Module):
         """Return (norm(x + residual), x + residual); the sum is the next residual. The fused
         CPU kernel writes the sum over `residual` (the caller drops the old one)."""
         if self.fused and x.device.type == "cpu":
-            from inferhub.layers.cpu_kernels import rms_norm as cpu_rms_norm
-
-            return cpu_rms_norm(x, residual, self.weight, self.eps)
+            return cpu_kernels.rms_norm(x, residual, self.weight, self.eps)
         if self.fused:
             from inferhub.layers.triton_fused import rms_norm
 

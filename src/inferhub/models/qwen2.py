@@ -13,8 +13,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from inferhub.layers import cpu_kernels
 from inferhub.layers.activation import silu_and_mul
-from inferhub.layers.attention import AttentionMetadata, paged_attention
+from inferhub.layers.attention import KERNEL_BACKENDS, AttentionMetadata, paged_attention
 from inferhub.layers.norm import RMSNorm
 from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight, Int8Linear
 from inferhub.layers.rotary import RotaryEmbedding, apply_rotary
@@ -54,9 +55,7 @@ class Attention(nn.Module):
         # rotate q and k heads together: (T, H + Hkv, D)
         qk = qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.fused and qk.device.type == "cpu":
-            from inferhub.layers.cpu_kernels import rotary_inplace as cpu_rotary_inplace
-
-            cpu_rotary_inplace(qk, positions, rotary.cos_cache, rotary.sin_cache)
+            cpu_kernels.rotary_inplace(qk, positions, rotary.cos_cache, rotary.sin_cache)
         elif self.fused:
             from inferhub.layers.triton_fused import rotary_inplace
 
@@ -79,9 +78,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj.forward(x)
         if self.fused:
-            from inferhub.layers.cpu_kernels import silu_and_mul as cpu_silu_and_mul
-
-            return self.down_proj.forward(cpu_silu_and_mul(gate_up))
+            return self.down_proj.forward(cpu_kernels.silu_and_mul(gate_up))
         return self.down_proj.forward(silu_and_mul(gate_up))
 
 
@@ -153,7 +150,7 @@ class Qwen2ForCausalLM(nn.Module):
             if isinstance(module, Attention):
                 module.backend = backend
             if isinstance(module, (Attention, RMSNorm)):
-                module.fused = backend in ("triton", "cpu")
+                module.fused = backend in KERNEL_BACKENDS
             if isinstance(module, MLP):
                 module.fused = backend == "cpu"
 
