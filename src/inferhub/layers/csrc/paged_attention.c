@@ -24,29 +24,16 @@ static inline void load_row(const void *src, int64_t index, int64_t n, int dtype
     if (dtype == 1) {
         const uint16_t *s = (const uint16_t *)src + index;
 #pragma omp simd
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t u = (uint32_t)s[i] << 16;
-            float f;
-            memcpy(&f, &u, sizeof f);
-            dst[i] = f;
-        }
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
     } else {
         memcpy(dst, (const float *)src + index, (size_t)n * sizeof(float));
     }
 }
 
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as torch does */
-    return (uint16_t)(u >> 16);
-}
-
 static inline void store_row(void *dst, int64_t index, int64_t n, int dtype, const float *src) {
     if (dtype == 1) {
         uint16_t *d = (uint16_t *)dst + index;
-        for (int64_t i = 0; i < n; i++) d[i] = to_bf16(src[i]);
+        for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
     } else {
         memcpy((float *)dst + index, src, (size_t)n * sizeof(float));
     }

@@ -1,7 +1,25 @@
-/* AVX-512 helpers shared by the CPU kernels (HAVE_AVX512 is defined when they exist). */
+/* Helpers shared by the CPU kernels: scalar bfloat16 conversions, and AVX-512 ones
+ * (HAVE_AVX512 is defined when those exist). */
 #ifndef INFERHUB_SIMD_H
 #define INFERHUB_SIMD_H
 #include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as torch does; NaN stays NaN. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
