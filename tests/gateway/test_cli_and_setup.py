@@ -4,18 +4,22 @@ exactly the tables the code declares), on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from inferhub.gateway import accounts, auth
+from inferhub.gateway import accounts, auth, factory
 from inferhub.gateway.cli import main
-from inferhub.gateway.db import VERSION_TABLE
-from inferhub.gateway.factory import create_gateway, open_database
+from inferhub.gateway.db import VERSION_TABLE, Database
+from inferhub.gateway.factory import ADMIN_ACCOUNT, bootstrap, create_gateway, open_database
 from inferhub.gateway.interface import GatewayError
-from inferhub.gateway.schema import metadata
+from inferhub.gateway.keys import hash_key
+from inferhub.gateway.schema import accounts as accounts_table
+from inferhub.gateway.schema import api_keys, metadata
 
 pytestmark = pytest.mark.anyio
 
@@ -118,6 +122,92 @@ async def test_admin_key_from_configuration_is_used_and_never_printed(
         await gw.close()
     with pytest.raises(ValueError):
         create_gateway(database_url, data_dir, admin_key="short")
+
+
+def admin_rows(db: Database) -> tuple[int, list[str]]:
+    """How many admin accounts there are, and the hashes of the admin's keys."""
+    with db.read() as conn:
+        admins = conn.execute(
+            sa.select(accounts_table.c.id).where(accounts_table.c.role == "admin")
+        ).all()
+        hashes = conn.execute(
+            sa.select(api_keys.c.key_hash).where(api_keys.c.account_id.in_([a.id for a in admins]))
+        ).scalars()
+        return len(admins), sorted(hashes)
+
+
+@pytest.mark.parametrize("race_at", ["key", "account"])
+def test_bootstrap_survives_another_replica_writing_between_its_read_and_its_write(
+    database_url: str | None, data_dir: Path, monkeypatch: pytest.MonkeyPatch, race_at: str
+) -> None:
+    """Two replicas start together with the same admin key: the second one's read says "no
+    such key" (or "no admin"), then the first one writes it. The second must not crash on the
+    unique constraint (CI saw exactly that) and the end state is one admin with one such key."""
+    given = "sk-operator-chosen-admin-key-0123456789"
+    db = open_database(database_url, data_dir)
+    other = open_database(database_url, data_dir)  # the other replica's own connection pool
+    raced: list[str] = []
+    real_key_exists, real_admin_id = factory.key_exists, factory._admin_id
+
+    def other_replica_starts() -> None:
+        if not raced:
+            raced.append(race_at)
+            bootstrap(other, admin_key=given, announce=lambda _: None)
+
+    def key_exists_then_race(db_: Database, secret: str) -> bool:
+        found = real_key_exists(db_, secret)
+        if race_at == "key" and db_ is db:
+            other_replica_starts()
+        return found
+
+    def admin_id_then_race(db_: Database) -> str | None:
+        found = real_admin_id(db_)
+        if race_at == "account" and db_ is db:
+            other_replica_starts()
+        return found
+
+    try:
+        if race_at == "key":  # the admin account exists already: only the key races
+            accounts.create_account(db, ADMIN_ACCOUNT, role="admin")
+        monkeypatch.setattr(factory, "key_exists", key_exists_then_race)
+        monkeypatch.setattr(factory, "_admin_id", admin_id_then_race)
+        said: list[str] = []
+        bootstrap(db, admin_key=given, announce=said.append)
+        assert raced == [race_at]
+        assert admin_rows(db) == (1, [hash_key(given)])
+        assert given not in " ".join(said)
+    finally:
+        db.close()
+        other.close()
+
+
+def test_replicas_bootstrapping_at_once_leave_one_admin_and_its_key(
+    database_url: str | None, data_dir: Path
+) -> None:
+    given = "sk-operator-chosen-admin-key-0123456789"
+    replicas = 6
+    dbs = [open_database(database_url, data_dir) for _ in range(replicas)]
+    go = threading.Barrier(replicas)
+    errors: list[BaseException] = []
+
+    def start(db: Database) -> None:
+        go.wait()
+        try:
+            bootstrap(db, admin_key=given, announce=lambda _: None)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=start, args=(db,)) for db in dbs]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert admin_rows(dbs[0]) == (1, [hash_key(given)])
+    finally:
+        for db in dbs:
+            db.close()
 
 
 def test_migrations_build_the_declared_schema_and_rerun_cleanly(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,46 +38,70 @@ def open_database(database_url: str | None, data_dir: Path) -> Database:
     return db
 
 
+BOOTSTRAP_ATTEMPTS = 5
+
+
 def bootstrap(
     db: Database, *, admin_key: str | None, announce: Callable[[str], None] = print
 ) -> None:
     """On first start create the admin account and its key, printed once through `announce`
     (or `admin_key`, e.g. from INFERHUB_ADMIN_KEY, which is then never printed); also the
-    default price row. A later start with a new `admin_key` adds it to the admin account."""
+    default price row. A later start with a new `admin_key` adds it to the admin account.
+
+    Replicas that start together on one database race here: each step reads, then writes, and
+    another replica may write the same row in between (the unique constraints refuse the
+    second). The loser reads again and goes on from what the winner wrote."""
     if admin_key is not None and len(admin_key) < MIN_ADMIN_KEY_CHARS:
         raise ValueError(f"the admin key must have at least {MIN_ADMIN_KEY_CHARS} characters")
+    for attempt in range(BOOTSTRAP_ATTEMPTS):
+        try:
+            _bootstrap_once(db, admin_key=admin_key, announce=announce)
+            return
+        except sa.exc.IntegrityError:
+            if attempt == BOOTSTRAP_ATTEMPTS - 1:
+                raise
+
+
+def _admin_id(db: Database) -> str | None:
     with db.read() as conn:
-        admin_id = conn.execute(
+        found: str | None = conn.execute(
             sa.select(accounts.c.id)
             .where(accounts.c.role == "admin")
-            .order_by(accounts.c.created_at)
+            .order_by(accounts.c.created_at, accounts.c.id)
         ).scalar()
+    return found
+
+
+def _bootstrap_once(
+    db: Database, *, admin_key: str | None, announce: Callable[[str], None]
+) -> None:
+    with db.read() as conn:
         has_default_price = conn.execute(
             sa.select(prices.c.model).where(prices.c.model == DEFAULT_PRICE_MODEL)
         ).first()
     if not has_default_price:
-        with contextlib.suppress(sa.exc.IntegrityError):  # another replica set it first
-            set_price(db, DEFAULT_PRICE_MODEL, 0, 0)
+        set_price(db, DEFAULT_PRICE_MODEL, 0, 0)
+    admin_id = _admin_id(db)
     if admin_id is None:
         try:
             admin_id = create_account(db, ADMIN_ACCOUNT, role="admin").id
-        except (GatewayError, sa.exc.IntegrityError):  # another replica won, or a user is "admin"
-            with db.read() as conn:
-                admin_id = conn.execute(
-                    sa.select(accounts.c.id).where(accounts.c.role == "admin")
-                ).scalar()
+        except GatewayError:  # the name is taken: another replica won, or a user is "admin"
+            admin_id = _admin_id(db)
             if admin_id is None:
                 raise
-            return
-        created = create_key(db, admin_id, name="bootstrap admin key", secret=admin_key)
-        if admin_key is None:
-            announce(
-                f"inferhub: created the admin account '{ADMIN_ACCOUNT}'. Its API key, shown "
-                f"only this once:\n\n    {created.secret}\n"
-            )
         else:
-            announce(f"inferhub: created the admin account '{ADMIN_ACCOUNT}' with the given key.")
-    elif admin_key is not None and not key_exists(db, admin_key):
+            created = create_key(db, admin_id, name="bootstrap admin key", secret=admin_key)
+            if admin_key is None:
+                announce(
+                    f"inferhub: created the admin account '{ADMIN_ACCOUNT}'. Its API key, "
+                    f"shown only this once:\n\n    {created.secret}\n"
+                )
+            else:
+                announce(
+                    f"inferhub: created the admin account '{ADMIN_ACCOUNT}' with the given key."
+                )
+            return
+    if admin_key is not None and not key_exists(db, admin_key):
         create_key(db, admin_id, name="admin key from configuration", secret=admin_key)
         announce("inferhub: added the given admin key to the admin account.")
 
