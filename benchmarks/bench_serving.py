@@ -113,7 +113,7 @@ async def run_serving(
             raise SystemExit(f"warm-up request failed: {warm.error}")
         gate = asyncio.Semaphore(args.concurrency)
 
-        async def limited(prompt: list[int]) -> RequestResult:
+        async def limited(prompt: list[int] | str) -> RequestResult:
             async with gate:
                 return await one_request(client, args, prompt)
 
@@ -151,13 +151,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def launch_server(args: argparse.Namespace) -> subprocess.Popen[str]:
+def launch_server(args: argparse.Namespace, in_thread: bool = False) -> subprocess.Popen[str]:
     kw = engine_kwargs(args)
     cmd = [
         sys.executable, "-m", "inferhub.cli", "serve", "--port", "0", "--log-level", "warning",
         "--no-auth", "--model", f"{args.model}={args.model_path}",
         "--max-num-seqs", str(kw["max_num_seqs"]),
         *(["--kv-cache-memory", str(kw["kv_cache_memory"])] if kw["kv_cache_memory"] else []),
+        *(["--engine-in-thread"] if in_thread else []),
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -228,6 +229,10 @@ def print_table(report: dict[str, Any]) -> None:
         o = report["offline"]
         rows.append(("Offline output throughput (tok/s)", f"{o['output_throughput']:.2f}"))
         rows.append(("Serving / offline throughput", f"{report['serving_vs_offline']:.3f}"))
+    for mode, summary in report.get("serving_by_engine_mode", {}).items():
+        rows.append((f"Output tok/s, engine in {mode}", f"{summary['output_throughput']:.2f}"))
+    for mode, ratio in report.get("serving_vs_offline_by_engine_mode", {}).items():
+        rows.append((f"Serving / offline, engine in {mode}", f"{ratio:.3f}"))
     width = max(len(k) for k, _ in rows) + 2
     print("=" * (width + 14))
     print(" Serving Benchmark Result ".center(width + 14, "="))
@@ -245,6 +250,12 @@ def main() -> None:
     p.add_argument("--model", default=None, help="served model name (default: the embedded model)")
     p.add_argument("--model-path", default=None, help="for --launch/--offline (default: embedded)")
     p.add_argument("--launch", action="store_true", help="start `inferhub serve` for the run")
+    p.add_argument(
+        "--engine-modes",
+        default="process",
+        help="with --launch: comma-separated engine placements to serve with, one server "
+        "each: process (the default of `serve`) and/or thread (--engine-in-thread)",
+    )
     p.add_argument(
         "--offline", action="store_true", help="also run the workload offline, in process"
     )
@@ -274,15 +285,19 @@ def main() -> None:
     args.kv_cache_memory_bytes = _size(args.kv_cache_memory) if args.kv_cache_memory else None
 
     prompts = make_prompts(args.num_prompts, args.input_len, args.seed)
-    server = launch_server(args) if args.launch else None
-    try:
-        results, duration = asyncio.run(run_serving(args, prompts))
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(60)
-            assert server.stdout is not None
-            server.stdout.close()
+    modes = args.engine_modes.split(",") if args.launch else ["external"]
+    served: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        server = launch_server(args, in_thread=mode == "thread") if args.launch else None
+        try:
+            results, duration = asyncio.run(run_serving(args, prompts))
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(60)
+                assert server.stdout is not None
+                server.stdout.close()
+        served[mode] = summarize(results, duration)
     report: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k not in ("api_key", "output")},
         "machine": {
@@ -290,13 +305,18 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
-        "serving": summarize(results, duration),
+        "serving": served[modes[0]],
     }
+    if len(modes) > 1:
+        report["serving_by_engine_mode"] = served
     if args.offline:
         report["offline"] = run_offline(args, prompts)
-        report["serving_vs_offline"] = (
-            report["serving"]["output_throughput"] / report["offline"]["output_throughput"]
-        )
+        offline = report["offline"]["output_throughput"]
+        report["serving_vs_offline"] = report["serving"]["output_throughput"] / offline
+        if len(modes) > 1:
+            report["serving_vs_offline_by_engine_mode"] = {
+                mode: summary["output_throughput"] / offline for mode, summary in served.items()
+            }
     print_table(report)
     out = (
         args.output

@@ -57,9 +57,10 @@ def test_serve_refuses_public_host_without_keys(
 def serve_with_fakes(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> dict[str, Any]:
     """Run `inferhub serve` with fake engines and without listening; returns what it built."""
     built: dict[str, Any] = {}
-    monkeypatch.setattr(
-        "inferhub.engine.async_engine.AsyncEngine", lambda config: FakeEngine(config.name)
-    )
+    for engine_class in ("async_engine.AsyncEngine", "engine_process.ProcessEngine"):
+        monkeypatch.setattr(
+            f"inferhub.engine.{engine_class}", lambda config: FakeEngine(config.name)
+        )
 
     def run(server: Server) -> None:
         built["state"] = server.state

@@ -335,14 +335,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
     from inferhub.engine.async_engine import AsyncEngine
+    from inferhub.engine.engine_process import ProcessEngine
     from inferhub.server.app import create_app
     from inferhub.server.run import run_server
 
-    engines: dict[str, AsyncEngine] = {}
+    engine_class = AsyncEngine if args.engine_in_thread else ProcessEngine
+    engines: dict[str, AsyncEngine | ProcessEngine] = {}
     for name, path in specs:
         print(f"inferhub: loading {name} from {path}", file=sys.stderr)
         try:
-            engines[name] = AsyncEngine(_engine_config(args, path, name))
+            engines[name] = engine_class(_engine_config(args, path, name))
         except Exception as exc:
             print(f"error: cannot load {name} from {path}: {exc}", file=sys.stderr)
             return 1
@@ -468,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="inferhub's log level (one line per request at info; debug adds HTTP access logs)",
     )  # fmt: skip
     _add_engine_args(serve)
+    serve.add_argument(
+        "--engine-in-thread", action="store_true",
+        help="run each engine in a thread of the server process instead of its own process "
+        "(the two then share one GIL: slower under load; see docs/benchmarks.md)",
+    )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
     # -- the gateway's subcommands (accounts, keys, prices, ...) register themselves here --

@@ -34,9 +34,10 @@ ADMIN_KEY = "sk-admin-" + "x" * 30
 def serve(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[int, dict[str, Any]]:
     """Run `inferhub serve` with fake engines and without listening: (status, what it built)."""
     built: dict[str, Any] = {}
-    monkeypatch.setattr(
-        "inferhub.engine.async_engine.AsyncEngine", lambda config: FakeEngine(config.name)
-    )
+    for engine_class in ("async_engine.AsyncEngine", "engine_process.ProcessEngine"):
+        monkeypatch.setattr(
+            f"inferhub.engine.{engine_class}", lambda config: FakeEngine(config.name)
+        )
 
     def run(server: Server) -> None:
         built["state"] = server.state

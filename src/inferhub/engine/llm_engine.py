@@ -40,6 +40,33 @@ class EngineStats:
     num_preemptions: int
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What decides whether a request can run: known once the engine is built."""
+
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+
+
+def check_request(
+    limits: RequestLimits, prompt_token_ids: list[int], params: SamplingParams
+) -> None:
+    """Raise SamplingParamsError or PromptTooLongError for a request that cannot run."""
+    params.validate(limits.vocab_size)
+    if not prompt_token_ids:
+        raise SamplingParamsError("messages", "The prompt is empty.")
+    if any(not 0 <= t < limits.vocab_size for t in prompt_token_ids):
+        raise SamplingParamsError("prompt", "The prompt holds token ids outside the vocabulary.")
+    n_prompt = len(prompt_token_ids)
+    if n_prompt + (params.max_tokens or 1) > limits.max_model_len:
+        raise PromptTooLongError(n_prompt, params.max_tokens, limits.max_model_len)
+    needed = -(-(n_prompt + (params.max_tokens or 1)) // limits.block_size)
+    if needed > limits.num_blocks:
+        raise PromptTooLongError(n_prompt, params.max_tokens, limits.num_blocks * limits.block_size)
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -110,25 +137,14 @@ class LLMEngine:
         self.num_preemptions = 0
 
     # -- requests --------------------------------------------------------------------------
+    @property
+    def limits(self) -> RequestLimits:
+        bm = self.block_manager
+        return RequestLimits(self.vocab_size, self.max_model_len, bm.block_size, bm.num_blocks)
+
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise SamplingParamsError or PromptTooLongError for a request that cannot run."""
-        params.validate(self.vocab_size)
-        if not prompt_token_ids:
-            raise SamplingParamsError("messages", "The prompt is empty.")
-        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise SamplingParamsError(
-                "prompt", "The prompt holds token ids outside the vocabulary."
-            )
-        n_prompt = len(prompt_token_ids)
-        if n_prompt + (params.max_tokens or 1) > self.max_model_len:
-            raise PromptTooLongError(n_prompt, params.max_tokens, self.max_model_len)
-        needed = self.block_manager.blocks_needed(n_prompt + (params.max_tokens or 1))
-        if needed > self.block_manager.num_blocks:
-            raise PromptTooLongError(
-                n_prompt,
-                params.max_tokens,
-                self.block_manager.num_blocks * self.block_manager.block_size,
-            )
+        check_request(self.limits, prompt_token_ids, params)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -174,6 +190,9 @@ class LLMEngine:
                 self.scheduler.finish(seq, FinishReason.ABORT)
                 changed.append(seq)
         return self._request_output(req, changed, {}, {}, error=None)
+
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
