@@ -185,6 +185,23 @@ def test_stream_framing_chinese_and_usage(client: openai.OpenAI, live_server: Li
     assert "\ufffd" not in streamed and re.search(r"[\u4e00-\u9fff]", streamed)
 
 
+def test_stream_events_survive_clients_that_split_lines_on_unicode_line_breaks(
+    live_server: LiveServer,
+) -> None:
+    """U+2028, U+2029 and NEL are line ends for str.splitlines() (httpx's iter_lines) but not
+    for SSE: raw in an event, they cut it in two for such clients. The server escapes them."""
+    prompt = "one\u2028two\u2029three\x85four"
+    body = {"model": MODEL, "prompt": prompt, "echo": True, "max_tokens": 3, "temperature": 0,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", live_server.v1 + "/completions", json=body, headers=AUTH) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks).startswith(prompt)
+
+
 def test_stream_n_with_openai_client(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model=MODEL, messages=STORY, n=2, seed=5, max_tokens=10, stream=True,  # type: ignore[arg-type]

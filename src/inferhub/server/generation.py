@@ -45,8 +45,19 @@ ABORT_WAIT_S = 10.0  # how long cleanup waits for the engine to confirm an abort
 STREAM_GRACE_S = 5.0  # past the request timeout, for the error event to reach the client
 
 
+# Characters that JSON leaves raw but that str.splitlines() treats as line ends: SSE ends lines
+# only at CR/LF, yet clients that split with splitlines() (httpx's aiter_lines) would cut an
+# event in two. In JSON they can only stand inside strings, where the \u escape means the same.
+_SPLITLINES_ESCAPES = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_data(json_text: str) -> bytes:
+    """One SSE event carrying `json_text`, with no character a line splitter could break on."""
+    return b"data: " + json_text.translate(_SPLITLINES_ESCAPES).encode() + b"\n\n"
+
+
 def sse(model: BaseModel) -> bytes:
-    return b"data: " + model.model_dump_json().encode() + b"\n\n"
+    return sse_data(model.model_dump_json())
 
 
 @dataclass
@@ -301,7 +312,7 @@ class Generation:
         except Exception as exc:  # the stream has started: the error becomes an event
             end_state = "timeout" if self.timed_out else "error"
             body = as_api_error(exc).body()
-            yield b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n" + DONE
+            yield sse_data(json.dumps(body, ensure_ascii=False)) + DONE
         except BaseException as exc:
             end_state = self._end_state_of(exc)
             raise
