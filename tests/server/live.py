@@ -55,6 +55,16 @@ class LiveServer:
                 return g
             time.sleep(0.02)
 
+    def engine_pids(self) -> list[int]:
+        """The server's engine processes (its children other than multiprocessing's helper)."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [
+            int(child)
+            for child in children
+            if "resource_tracker" not in Path(f"/proc/{child}/cmdline").read_text()
+        ]
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -77,6 +87,7 @@ def start_live_server(
     api_key: str | None = KEY,
     env: dict[str, str] | None = None,
     timeout: float = 180,
+    new_session: bool = False,
 ) -> LiveServer:
     """Start `inferhub serve` with `extra` arguments; with `api_key` None it runs the database
     gateway (pass `--data-dir`). Its stdout lines up to the URL line are in `stdout_lines`."""
@@ -86,7 +97,12 @@ def start_live_server(
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [*cmd, *SERVE_ARGS, *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=env
+            [*cmd, *SERVE_ARGS, *extra],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+            start_new_session=new_session,  # its own process group, as in a terminal
         )
     assert process.stdout is not None
     lines: queue.Queue[str | None] = queue.Queue()
