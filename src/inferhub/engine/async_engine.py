@@ -6,7 +6,8 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from inferhub.config import EngineConfig
@@ -18,6 +19,8 @@ from inferhub.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
+OutputQueue = asyncio.Queue[RequestOutput | BaseException]  # one request's stream
+
 
 @dataclass
 class _Add:
@@ -25,7 +28,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
-    stream: asyncio.Queue[RequestOutput | BaseException]
+    stream: OutputQueue
 
 
 @dataclass
@@ -89,23 +92,13 @@ class AsyncEngine:
         if self._dead is not None or not self.is_running:
             raise EngineDeadError(f"the engine of {self.name} is not running")
         self.check_request(prompt_token_ids, params)
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        stream: OutputQueue = asyncio.Queue()
         self._inbox.put(
             _Add(request_id, prompt_token_ids, params, asyncio.get_running_loop(), stream)
         )
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        async with aclosing(stream_outputs(stream, lambda: self.abort(request_id))) as outs:
+            async for out in outs:
+                yield out
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -131,16 +124,16 @@ class AsyncEngine:
     def _deliver_step(self, outs: list[RequestOutput]) -> None:
         """A step's outputs, handed to each event loop in one call: one wake-up of the loop
         (and one GIL hand-over) per step instead of one per request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Add, RequestOutput]]] = {}
+        routed = []
         for out in outs:
             add = self._streams.get(out.request_id)
             if add is None:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            by_loop.setdefault(add.loop, []).append((add, out))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            routed.append((add.loop, add.stream, out))
+        for loop, items in group_by_loop(routed).items():
+            loop.call_soon_threadsafe(put_all, items)
 
     def _handle(self, msg: _Add | _Abort) -> None:
         if isinstance(msg, _Add):
@@ -193,6 +186,39 @@ class AsyncEngine:
         self._stats = self.engine.stats()
 
 
-def _put_all(items: list[tuple[_Add, RequestOutput]]) -> None:
-    for add, out in items:
-        add.stream.put_nowait(out)
+# -- the stream side, shared with the engine in a child process (engine_process.py) ------------
+async def stream_outputs(
+    stream: OutputQueue, abort: Callable[[], None]
+) -> AsyncGenerator[RequestOutput, None]:
+    """A request's outputs from its queue up to the finished one; an exception put there is
+    raised; a consumer that stops before the end calls `abort`."""
+    finished = False
+    try:
+        while True:
+            item = await stream.get()
+            if isinstance(item, BaseException):
+                raise item
+            finished = item.finished
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            abort()
+
+
+def group_by_loop(
+    routed: Iterable[tuple[asyncio.AbstractEventLoop, OutputQueue, RequestOutput]],
+) -> dict[asyncio.AbstractEventLoop, list[tuple[OutputQueue, RequestOutput]]]:
+    """A step's outputs by the event loop of their stream: one hand-over (one wake-up of the
+    loop, one GIL hand-over) per loop and step instead of one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputQueue, RequestOutput]]] = {}
+    for loop, stream, out in routed:
+        by_loop.setdefault(loop, []).append((stream, out))
+    return by_loop
+
+
+def put_all(items: list[tuple[OutputQueue, RequestOutput]]) -> None:
+    """Runs in the event loop: each output into its stream's queue."""
+    for stream, out in items:
+        stream.put_nowait(out)

@@ -25,6 +25,11 @@ def chain_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
     return hash((prev_hash if prev_hash is not None else -1, token_ids))
 
 
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
 class BlockManager:
     """Allocates fixed-size KV blocks to sequences.
 
@@ -60,7 +65,7 @@ class BlockManager:
         return self.num_used_blocks / self.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_needed(num_tokens, self.block_size)
 
     # -- allocation ------------------------------------------------------------------------
     def _take_free_block(self) -> Block:

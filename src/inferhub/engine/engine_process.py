@@ -31,11 +31,13 @@ import pickle
 import signal
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 from inferhub.config import EngineConfig
+from inferhub.engine.async_engine import OutputQueue, group_by_loop, put_all, stream_outputs
 from inferhub.engine.errors import EngineDeadError, EngineError
 from inferhub.engine.llm_engine import EngineStats, LLMEngine, RequestLimits, check_request
 from inferhub.engine.outputs import RequestOutput
@@ -59,7 +61,7 @@ class _EngineInfo:
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
+    queue: OutputQueue
 
 
 class ProcessEngine:
@@ -156,26 +158,15 @@ class ProcessEngine:
         if not self.is_running:
             raise EngineDeadError(f"the engine of {self.name} is not running")
         self.check_request(prompt_token_ids, params)
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        queue: OutputQueue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue)
-        finished = False
-        try:
+        async with aclosing(stream_outputs(queue, lambda: self.abort(request_id))) as outs:
             self._send(("add", request_id, prompt_token_ids, params))
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True  # the engine has forgotten it (or is gone)
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+            async for out in outs:
+                yield out
 
     def abort(self, request_id: str) -> None:
         with contextlib.suppress(EngineDeadError):
@@ -228,7 +219,7 @@ class ProcessEngine:
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         """A step's outputs, handed to each event loop in one call (one wake-up per step)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
+        routed = []
         with self._lock:
             for out in outs:
                 stream = self._streams.get(out.request_id)
@@ -236,9 +227,9 @@ class ProcessEngine:
                     continue
                 if out.finished:
                     del self._streams[out.request_id]
-                by_loop.setdefault(stream.loop, []).append((stream, out))
-        for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
+                routed.append((stream.loop, stream.queue, out))
+        for loop, items in group_by_loop(routed).items():
+            _call_soon(loop, put_all, items)
 
     def _fail_one(self, request_id: str, exc: BaseException) -> None:
         with self._lock:
@@ -268,11 +259,6 @@ class ProcessEngine:
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
     with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there
         loop.call_soon_threadsafe(fn, *args)
-
-
-def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
-    for stream, out in items:
-        stream.queue.put_nowait(out)
 
 
 def _resolve(fut: asyncio.Future[RequestOutput | None], value: RequestOutput | None) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inferhub.config import EngineConfig
-from inferhub.engine.block_manager import BlockManager
+from inferhub.engine.block_manager import BlockManager, blocks_needed
 from inferhub.engine.detokenizer import IncrementalDetokenizer
 from inferhub.engine.device import resolve_backend, resolve_device, resolve_dtype
 from inferhub.engine.errors import PromptTooLongError
@@ -60,10 +60,10 @@ def check_request(
     if any(not 0 <= t < limits.vocab_size for t in prompt_token_ids):
         raise SamplingParamsError("prompt", "The prompt holds token ids outside the vocabulary.")
     n_prompt = len(prompt_token_ids)
-    if n_prompt + (params.max_tokens or 1) > limits.max_model_len:
+    total = n_prompt + (params.max_tokens or 1)
+    if total > limits.max_model_len:
         raise PromptTooLongError(n_prompt, params.max_tokens, limits.max_model_len)
-    needed = -(-(n_prompt + (params.max_tokens or 1)) // limits.block_size)
-    if needed > limits.num_blocks:
+    if blocks_needed(total, limits.block_size) > limits.num_blocks:
         raise PromptTooLongError(n_prompt, params.max_tokens, limits.num_blocks * limits.block_size)
 
 
