@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,17 @@ def test_serve_refuses_public_host_without_keys(
 
 def serve_with_fakes(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> dict[str, Any]:
     """Run `inferhub serve` with fake engines and without listening; returns what it built."""
-    built: dict[str, Any] = {}
-    for engine_class in ("async_engine.AsyncEngine", "engine_process.ProcessEngine"):
-        monkeypatch.setattr(
-            f"inferhub.engine.{engine_class}", lambda config: FakeEngine(config.name)
-        )
+    built: dict[str, Any] = {"placements": []}
+
+    def fake(placement: str) -> Callable[[Any], FakeEngine]:
+        def build(config: Any) -> FakeEngine:
+            built["placements"].append(placement)
+            return FakeEngine(config.name)
+
+        return build
+
+    monkeypatch.setattr("inferhub.engine.async_engine.AsyncEngine", fake("thread"))
+    monkeypatch.setattr("inferhub.engine.engine_process.ProcessEngine", fake("process"))
 
     def run(server: Server) -> None:
         built["state"] = server.state
@@ -69,6 +76,16 @@ def serve_with_fakes(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> dict[s
     monkeypatch.setattr(Server, "run", run)
     assert cli.main(["serve", *argv]) == 1  # "not started": run() did not serve
     return built
+
+
+def test_serve_runs_each_engine_in_a_process_unless_told_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("INFERHUB_API_KEYS", raising=False)
+    models = ["--no-auth", "--model", "a=/a.gguf", "--model", "b=/b.gguf"]
+    assert serve_with_fakes(monkeypatch, models)["placements"] == ["process", "process"]
+    in_thread = serve_with_fakes(monkeypatch, [*models, "--engine-in-thread"])
+    assert in_thread["placements"] == ["thread", "thread"]
 
 
 def test_serve_keys_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
