@@ -75,6 +75,7 @@ def run_case(
         (9, 3, 64, 16),  # SmolLM2: AVX-512 path, GQA groups of 3
         (28, 4, 128, 16),  # Qwen2-7B heads
         (4, 4, 32, 8),  # no GQA
+        (8, 2, 96, 32),  # bf16 dot products of any multiple of 32, larger blocks
         (6, 2, 40, 4),  # head_dim not a multiple of 16: the portable C path
     ],
 )
@@ -226,3 +227,4 @@ def test_write_kv_fills_the_slots_from_strided_rows(dtype: torch.dtype) -> None:
     ref_k.index_copy_(0, slots, k)
     ref_v.index_copy_(0, slots, v)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+

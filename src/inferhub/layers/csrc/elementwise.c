@@ -29,6 +29,48 @@ static inline void store(void *p, int64_t i, float v, int dtype) {
         ((float *)p)[i] = v;
 }
 
+#ifdef HAVE_AVX512
+/* One row of inferhub_add_rms_norm in bfloat16, 16 elements at a time. */
+static inline void add_rms_norm_bf16(const void *x, const void *residual, const void *weight,
+                                     void *out, void *res_out, int64_t r, int64_t hidden,
+                                     int64_t x_stride, float eps) {
+    float row[hidden];
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t i = 0; i < hidden; i += 16) {
+        __m512 v = load16(x, r * x_stride + i, 1);
+        if (residual) {
+            v = round16(_mm512_add_ps(v, load16(residual, r * hidden + i, 1)), 1);
+            store16(res_out, r * hidden + i, v, 1);
+        }
+        _mm512_storeu_ps(row + i, v);
+        ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)hidden + eps));
+    for (int64_t i = 0; i < hidden; i += 16) {
+        const __m512 n = round16(_mm512_mul_ps(_mm512_loadu_ps(row + i), inv), 1);
+        store16(out, r * hidden + i, _mm512_mul_ps(load16(weight, i, 1), n), 1);
+    }
+}
+
+/* One token of inferhub_rotary_inplace in bfloat16, head_dim / 2 a multiple of 16. */
+static inline void rotary_bf16(void *qk, const float *cs, const float *sn, int64_t base0,
+                               int64_t heads, int64_t head_dim) {
+    const int64_t half = head_dim / 2;
+    for (int64_t i = 0; i < half; i += 16) {
+        const __m512 c = round16(_mm512_loadu_ps(cs + i), 1), s = round16(_mm512_loadu_ps(sn + i), 1);
+        const __m512 ns = _mm512_sub_ps(_mm512_setzero_ps(), s);
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t base = base0 + h * head_dim + i;
+            const __m512 x1 = load16(qk, base, 1), x2 = load16(qk, base + half, 1);
+            const __m512 a1 = round16(_mm512_mul_ps(x1, c), 1), b1 = round16(_mm512_mul_ps(x2, ns), 1);
+            const __m512 a2 = round16(_mm512_mul_ps(x2, c), 1), b2 = round16(_mm512_mul_ps(x1, s), 1);
+            store16(qk, base, _mm512_add_ps(a1, b1), 1);
+            store16(qk, base + half, _mm512_add_ps(a2, b2), 1);
+        }
+    }
+}
+#endif
+
 /* out = weight * norm(x + residual), res_out = x + residual (if residual is given).
  * x and residual rows are `x_stride` / `hidden` elements apart; out and res_out are
  * contiguous (rows, hidden). */
@@ -36,6 +78,13 @@ int inferhub_add_rms_norm(const void *x, const void *residual, const void *weigh
                           void *res_out, int64_t rows, int64_t hidden, int64_t x_stride,
                           float eps, int dtype, int num_threads) {
     const int parallel = num_threads > 1 && rows * hidden >= (1 << 16);
+#ifdef HAVE_AVX512
+    if (dtype == 1 && hidden % 16 == 0) {
+#pragma omp parallel for num_threads(num_threads) if (parallel) schedule(static)
+        for (int64_t r = 0; r < rows; r++) add_rms_norm_bf16(x, residual, weight, out, res_out, r, hidden, x_stride, eps);
+        return 0;
+    }
+#endif
 #pragma omp parallel for num_threads(num_threads) if (parallel) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float row[hidden];
@@ -69,6 +118,15 @@ int inferhub_rotary_inplace(void *qk, const int64_t *positions, const float *cos
                             int num_threads) {
     const int64_t half = head_dim / 2;
     const int parallel = num_threads > 1 && tokens * heads * head_dim >= (1 << 16);
+#ifdef HAVE_AVX512
+    if (dtype == 1 && half % 16 == 0) {
+#pragma omp parallel for num_threads(num_threads) if (parallel) schedule(static)
+        for (int64_t t = 0; t < tokens; t++)
+            rotary_bf16(qk, cos_cache + positions[t] * half, sin_cache + positions[t] * half,
+                        t * token_stride, heads, head_dim);
+        return 0;
+    }
+#endif
 #pragma omp parallel for num_threads(num_threads) if (parallel) schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
         const float *cs = cos_cache + positions[t] * half;
