@@ -228,3 +228,69 @@ def test_write_kv_fills_the_slots_from_strided_rows(dtype: torch.dtype) -> None:
     ref_v.index_copy_(0, slots, v)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
+
+needs_amx = pytest.mark.skipif(
+    not cpu_kernels.amx_available(), reason="no AMX tiles on this CPU (or not granted)"
+)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(1, 576, 960), (37, 576, 3072), (64, 1536, 576), (300, 896, 4864)]
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_amx_linear_matches_f_linear(m: int, k: int, n: int, with_bias: bool) -> None:
+    torch.manual_seed(m)
+    w = torch.randn(n, k).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    x = torch.randn(m, k + 64).to(torch.bfloat16)[:, :k]  # rows further apart than k
+    out = cpu_kernels.amx_linear_bf16(x, cpu_kernels.amx_pack_bf16(w), n, bias)
+    ref = torch.nn.functional.linear(x, w, bias)
+    exact = torch.nn.functional.linear(
+        x.double(), w.double(), None if bias is None else bias.double()
+    )
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    # float32 sums in another order than oneDNN's: the same bf16 value but for a rare last bit
+    assert ulp_mismatch(out, ref) < 1e-3
+    torch.testing.assert_close(out.double(), exact, rtol=1e-2, atol=2e-2 * k**0.5)
+
+
+@needs_amx
+def test_amx_packing_refuses_shapes_it_cannot_tile() -> None:
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cpu_kernels.amx_pack_bf16(torch.zeros(48, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cpu_kernels.amx_pack_bf16(torch.zeros(64, 64, dtype=torch.float32))
+
+
+@needs_amx
+def test_amx_linear_layer_small_calls_on_tiles_large_ones_on_torch() -> None:
+    from inferhub.layers.amx_linear import AMX_MAX_ROWS, AmxLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16)
+    layer = AmxLinear(linear)
+    assert layer.weight is linear.weight and layer.bias is linear.bias  # tying survives
+    with torch.inference_mode():
+        small = torch.randn(5, 64).to(torch.bfloat16)
+        big = torch.randn(AMX_MAX_ROWS + 1, 64).to(torch.bfloat16)
+        packed = cpu_kernels.amx_linear_bf16(small, layer.packed, 96, linear.bias)
+        assert torch.equal(layer(small), packed)
+        assert torch.equal(layer(big), linear(big))
+
+
+@needs_amx
+def test_low_bit_layers_run_their_dense_calls_on_amx() -> None:
+    from inferhub.layers.quant_linear import Int8Linear
+
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 128, bias=False).to(torch.bfloat16)
+    layer = Int8Linear(linear, max_rows=4)
+    x = torch.randn(9, 64).to(torch.bfloat16)  # above the 8-bit rows: the dense path
+    with torch.inference_mode():
+        before = layer(x)
+        layer.use_amx()
+        assert layer.amx_packed is not None
+        after = layer(x)
+    assert torch.equal(after, cpu_kernels.amx_linear_bf16(x, layer.amx_packed, 128, None))
+    assert ulp_mismatch(after, before) < 1e-2

@@ -27,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention.c", "elementwise.c")
+SOURCES = ("paged_attention.c", "elementwise.c", "amx_gemm.c")
 HEADERS = ("simd.h",)
 # No FMA contraction: the elementwise kernels reproduce torch's float32 rounding step by step.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off")
@@ -112,10 +112,14 @@ def library() -> ctypes.CDLL | None:
         "inferhub_silu_and_mul": [ptr] * 2 + [i64] * 2 + [i32, i32],
         "inferhub_write_kv": [ptr] * 5 + [i64] * 4 + [i32],
     }
+    signatures["inferhub_amx_init"] = []
+    signatures["inferhub_amx_linear_bf16"] = [ptr] + [i64] * 3 + [ptr, i64, ptr, ptr, i32]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
+    lib.inferhub_amx_pack_bf16.argtypes = [ptr, i64, i64, ptr]
+    lib.inferhub_amx_pack_bf16.restype = None
     return lib
 
 
@@ -265,3 +269,58 @@ def write_kv(
         v.stride(0),
         _DTYPES[k.dtype],
     )
+
+
+@functools.cache
+def amx_available() -> bool:
+    """bfloat16 AMX tiles usable here: the CPU has them, the kernels were built with them and
+    the OS granted this process the tile state. INFERHUB_DISABLE_AMX=1 turns them off."""
+    if os.environ.get("INFERHUB_DISABLE_AMX"):
+        return False
+    lib = library()
+    if lib is None or "amx_bf16" not in _cpu_signature().split():
+        return False
+    return bool(lib.inferhub_amx_init() == 0)
+
+
+def amx_pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """An (N, K) bfloat16 weight in the AMX tile layout amx_linear_bf16 reads; N and K
+    multiples of 32."""
+    n, k = weight.shape
+    if not amx_available():
+        raise RuntimeError("AMX tiles are not available here")
+    if weight.dtype != torch.bfloat16 or n % 32 or k % 32:
+        raise ValueError(
+            f"AMX packing needs a bfloat16 weight with both sides multiples of 32, "
+            f"not {weight.dtype} {tuple(weight.shape)}"
+        )
+    weight = weight.detach().contiguous()
+    packed = torch.empty(n * k, dtype=torch.bfloat16)
+    _lib().inferhub_amx_pack_bf16(weight.data_ptr(), n, k, packed.data_ptr())
+    return packed
+
+
+def amx_linear_bf16(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (M, K) bfloat16 @ the packed (N, K) weight^T (+ bias): (M, N), as F.linear."""
+    if not amx_available():  # the tile state is granted per process: never run without it
+        raise RuntimeError("AMX tiles are not available here")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = _lib().inferhub_amx_linear_bf16(
+        x.data_ptr(),
+        m,
+        k,
+        x.stride(0),
+        packed.data_ptr(),
+        n,
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"AMX matrix product failed (code {rc})")
+    return out

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from inferhub.layers import cpu_kernels
+from inferhub.layers.amx_linear import dense_forward
 
 GROUP = 32  # weights per scale/offset group (GGUF's QK4_0 / QK4_1)
 # At or below this many rows a call uses the 4-bit kernel; above it the dense weight.
@@ -111,9 +113,11 @@ class _LowBitLinear(nn.Module):
     """
 
     bits: int
+    amx_packed: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear, max_rows: int) -> None:
         super().__init__()
+        self.register_buffer("amx_packed", None, persistent=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.max_rows = max_rows
         self.weight = linear.weight
@@ -123,10 +127,14 @@ class _LowBitLinear(nn.Module):
         """The low-bit product of a small call, or None to use the dense weight."""
         raise NotImplementedError
 
+    def use_amx(self) -> None:
+        """Run the larger calls on an AMX-packed copy of the dense weight (amx_linear.py)."""
+        self.amx_packed = cpu_kernels.amx_pack_bf16(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._small(x.contiguous()) if x.shape[0] <= self.max_rows else None
         if y is None:
-            return F.linear(x, self.weight, self.bias)
+            return dense_forward(x, self.weight, self.bias, self.amx_packed)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,11 +13,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from inferhub.layers import cpu_kernels
 from inferhub.layers.quant_linear import DEFAULT_MAX_ROWS, Int4Weight, int4_supported
 from inferhub.layers.rotary import RotaryEmbedding
 from inferhub.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from inferhub.models.qwen2 import Qwen2ForCausalLM
 from inferhub.models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +32,7 @@ class LoadedModel:
     int4_projections: int = 0  # projections running on 4-bit weights for small batches
     quantized_output: bool = False  # the file stores the output projection quantized
     int8_lm_head: bool = False  # logits of small batches from 8-bit rows
+    amx_projections: int = 0  # projections with an AMX-packed copy for calls up to 384 rows
 
 
 def load_model(
@@ -77,7 +82,25 @@ def load_model(
     if int8_head and device.type == "cpu" and dtype == torch.bfloat16:
         loaded.model.use_int8_lm_head()
         loaded.int8_lm_head = True
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.amx_available():
+        loaded.amx_projections = _use_amx(loaded.model)
     return loaded
+
+
+def _use_amx(model: Qwen2ForCausalLM) -> int:
+    """Pack the projections for the AMX kernel when the copy fits: at most a quarter of the
+    memory still available (a 7B model in bfloat16 would need another 15 GB)."""
+    weights = 0
+    for name, param in model.named_parameters():
+        if param.dim() == 2 and not name.startswith("embed_tokens"):
+            weights += param.numel() * param.element_size()
+    if model.config.tie_word_embeddings:
+        weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if weights > available // 4:
+        log.info("AMX kernels off: packing %.1f GB of weights would not fit", weights / 1e9)
+        return 0
+    return model.use_amx()
 
 
 # -- shared ---------------------------------------------------------------------------------

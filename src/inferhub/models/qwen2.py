@@ -15,6 +15,7 @@ from torch import nn
 
 from inferhub.layers import cpu_kernels
 from inferhub.layers.activation import silu_and_mul
+from inferhub.layers.amx_linear import AmxLinear, amx_supported
 from inferhub.layers.attention import KERNEL_BACKENDS, AttentionMetadata, paged_attention
 from inferhub.layers.norm import RMSNorm
 from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight, Int8Linear
@@ -162,6 +163,17 @@ class Qwen2ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (N, vocab) in the model's dtype
 
+    def use_amx(self) -> int:
+        """Pack every projection that AMX tiles can run (bfloat16 on a CPU with them) for the
+        tile kernel; returns how many were packed."""
+        packed = 0
+        for layer in self.layers:
+            for target in self._PROJECTIONS:
+                parent_name, attr = target.split(".")
+                parent = getattr(layer, parent_name)
+                packed += _pack_for_amx(parent, attr)
+        return packed + _pack_for_amx(self, "lm_head")
+
     # -- 4-bit weights (CPU) ----------------------------------------------------------------
     # Each projection and the checkpoint weights it is made of, in row order.
     _PROJECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -259,3 +271,16 @@ class Qwen2ForCausalLM(nn.Module):
                 p for p in params if not any(key.startswith(p + ":") for key in loaded)
             )
             raise ValueError(f"checkpoint is missing weights: {missing[:5]}")
+
+
+def _pack_for_amx(parent: nn.Module, attr: str) -> int:
+    linear = getattr(parent, attr)
+    if not amx_supported(linear.weight):
+        return 0
+    if isinstance(linear, nn.Linear):
+        setattr(parent, attr, AmxLinear(linear))
+    elif isinstance(linear, (Int4Linear, Int8Linear)):
+        linear.use_amx()
+    else:
+        return 0
+    return 1
