@@ -4,8 +4,11 @@
  * packed once (inferhub_amx_pack_bf16) into the tile layout the TDPBF16PS instruction reads:
  * for every 16 output columns and every 32 input columns, a 16 x 64-byte tile whose row r
  * holds, for each of the 16 columns, the pair of weights at k = 2r, 2r + 1 ("VNNI" order).
- * A call then streams each 32-column panel of weights once per 256 rows of x, keeping four
- * 16 x 16 float32 accumulator tiles (32 rows x 32 columns) in the tile registers.
+ * A call copies x into tile order, then streams each 32-column panel of weights once per 256
+ * rows of x, keeping four 16 x 16 float32 accumulator tiles (32 rows x 32 columns) in the tile
+ * registers, and prefetches the next panel while it computes (a decode step reads every
+ * weight from DRAM once: the prefetch took 30 layers of SmolLM2's projections from 11 to
+ * 16 GB/s at one row, 7.5 to 9.5 at 64).
  *
  * Arithmetic: products of bfloat16 values are exact in float32, sums are float32 (in an order
  * of the hardware's own, as oneDNN's AMX kernels, which torch uses, also have), the bias is
@@ -115,6 +118,14 @@ int inferhub_amx_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_
                     _tile_zero(2);
                     _tile_zero(3);
                     for (int64_t kb = 0; kb < kb_count; kb++) {
+                        if (mb == m0 && nb + 1 < nblocks) {
+                            /* the next panel's weights on their way while this one computes */
+                            const char *nx = (const char *)(b1 + kb_count * 512 + kb * 512);
+                            for (int64_t off = 0; off < 1024; off += 64) {
+                                _mm_prefetch(nx + off, _MM_HINT_T0);
+                                _mm_prefetch(nx + kb_count * 1024 + off, _MM_HINT_T0);
+                            }
+                        }
                         _tile_loadd(4, a0 + kb * 512, 64);
                         _tile_loadd(5, a1 + kb * 512, 64);
                         _tile_loadd(6, b0 + kb * 512, 64);

@@ -77,7 +77,7 @@ static inline void rotary_bf16(void *qk, const float *cs, const float *sn, int64
 int inferhub_add_rms_norm(const void *x, const void *residual, const void *weight, void *out,
                           void *res_out, int64_t rows, int64_t hidden, int64_t x_stride,
                           float eps, int dtype, int num_threads) {
-    const int parallel = num_threads > 1 && rows * hidden >= (1 << 16);
+    const int parallel = num_threads > 1 && rows * hidden >= (1 << 14);
 #ifdef HAVE_AVX512
     if (dtype == 1 && hidden % 16 == 0) {
 #pragma omp parallel for num_threads(num_threads) if (parallel) schedule(static)
@@ -117,7 +117,7 @@ int inferhub_rotary_inplace(void *qk, const int64_t *positions, const float *cos
                             int64_t head_dim, int64_t token_stride, int dtype,
                             int num_threads) {
     const int64_t half = head_dim / 2;
-    const int parallel = num_threads > 1 && tokens * heads * head_dim >= (1 << 16);
+    const int parallel = num_threads > 1 && tokens * heads * head_dim >= (1 << 14);
 #ifdef HAVE_AVX512
     if (dtype == 1 && half % 16 == 0) {
 #pragma omp parallel for num_threads(num_threads) if (parallel) schedule(static)
