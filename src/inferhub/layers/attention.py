@@ -36,6 +36,9 @@ class AttentionGroup:
     # whether its queries start at position 0 (plain causal attention, no mask needed).
     context_len: int | None = None
     from_start: bool = False
+    # Every sequence's queries start at position 0: its context is exactly this step's new
+    # keys and values (a first prefill chunk without a prefix-cache hit).
+    all_from_start: bool = False
 
 
 @dataclass
@@ -89,8 +92,13 @@ def _attend_group(
     scale: float,
     backend: str,
     block_size: int,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q_flat: (N, H, D) for this group's tokens; returns (N, H, D)."""
+    """q_flat: (N, H, D) for this group's tokens, k_new / v_new (N, Hkv, D) their new keys
+    and values; returns (N, H, D)."""
+    if group.all_from_start and k_new is not None and v_new is not None and backend != "torch":
+        return _attend_new_tokens(q_flat, k_new, v_new, group, scale)
     b, nb = group.blocks.shape
     hkv, d = k_cache.shape[1], k_cache.shape[2]
     if group.all_valid and group.q_index.shape[1] == 1:
@@ -121,6 +129,27 @@ def _attend_group(
     if group.all_valid:
         return out.reshape(-1, out.shape[-2], out.shape[-1])
     return out[group.q_valid]  # (N, H, D)
+
+
+def _attend_new_tokens(
+    q_flat: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    group: AttentionGroup,
+    scale: float,
+) -> torch.Tensor:
+    """Sequences whose context is only this step's tokens: causal attention over the new keys
+    and values themselves (no gather from the cache, no mask). Padding sits after each
+    sequence's last query, so no real query sees it; the padded queries' rows are dropped."""
+    if group.all_valid and group.q_index.shape[0] == 1:
+        q, k, v = q_flat.unsqueeze(0), k_new.unsqueeze(0), v_new.unsqueeze(0)
+    else:
+        q, k, v = q_flat[group.q_index], k_new[group.q_index], v_new[group.q_index]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, Q, D)
+    out = _attend_sdpa(q, k, v, None, scale, is_causal=True).transpose(1, 2)  # (B, Q, H, D)
+    if group.all_valid:
+        return out.reshape(-1, out.shape[-2], out.shape[-1])
+    return out[group.q_valid]
 
 
 def _decode_kernel(backend: str) -> Callable[..., torch.Tensor]:
@@ -172,7 +201,7 @@ def paged_attention(
         assert decode_out is not None
         return decode_out
     prefill_out = _attend_group(
-        q[nd:], k_cache, v_cache, meta.prefill, scale, backend, meta.block_size
+        q[nd:], k_cache, v_cache, meta.prefill, scale, backend, meta.block_size, k[nd:], v[nd:]
     )
     if decode_out is None:
         return prefill_out
