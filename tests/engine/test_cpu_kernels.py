@@ -294,3 +294,21 @@ def test_low_bit_layers_run_their_dense_calls_on_amx() -> None:
         after = layer(x)
     assert torch.equal(after, cpu_kernels.amx_linear_bf16(x, layer.amx_packed, 128, None))
     assert ulp_mismatch(after, before) < 1e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_matches_torch_max_with_ties_nan_and_inf(dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    wide = (4 * torch.randn(8, 1000)).to(dtype)
+    logits = wide[:, :997]  # rows further apart than their length; a tail past 16 lanes
+    logits[1, 5] = logits[1, 700] = 50.0  # a tie: the first one wins
+    logits[2, 996] = 60.0  # the maximum in the tail
+    logits[3, 10] = float("nan")  # NaN counts as the largest
+    logits[3, 400] = float("nan")
+    logits[4] = float("-inf")
+    logits[5, :] = 0.0
+    logits[5, 300] = -0.0
+    got = cpu_kernels.argmax_rows(logits)
+    assert got.tolist() == logits.max(dim=-1).indices.tolist()
+    assert got[1] == 5 and got[2] == 996 and got[3] == 10 and got[4] == 0

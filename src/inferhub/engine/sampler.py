@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from inferhub.engine.sampling_params import SamplingParams
+from inferhub.layers import cpu_kernels
 
 
 @dataclass
@@ -175,7 +176,15 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Index of each row's maximum, the first one on ties (as `argmax`). On the CPU,
-    `max(dim)` is 2-4x faster than `argmax` (7.1 vs 1.6 ms for 64 rows of 49k bf16)."""
+    `max(dim)` is 2-4x faster than `argmax` (7.1 vs 1.6 ms for 64 rows of 49k bf16), and the C
+    kernel faster again where it is built (both rows' passes vectorised, rows over threads)."""
+    if (
+        logits.device.type == "cpu"
+        and logits.dim() == 2
+        and cpu_kernels.supports(logits.dtype)
+        and cpu_kernels.library() is not None
+    ):
+        return cpu_kernels.argmax_rows(logits)
     return logits.max(dim=-1).indices
 
 

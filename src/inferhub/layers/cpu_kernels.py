@@ -111,6 +111,7 @@ def library() -> ctypes.CDLL | None:
         "inferhub_rotary_inplace": [ptr] * 4 + [i64] * 4 + [i32, i32],
         "inferhub_silu_and_mul": [ptr] * 2 + [i64] * 2 + [i32, i32],
         "inferhub_write_kv": [ptr] * 5 + [i64] * 4 + [i32],
+        "inferhub_argmax_rows": [ptr] + [i64] * 3 + [i32, ptr, i32],
     }
     signatures["inferhub_amx_init"] = []
     signatures["inferhub_amx_linear_bf16"] = [ptr] + [i64] * 3 + [ptr, i64, ptr, ptr, i32]
@@ -269,6 +270,25 @@ def write_kv(
         v.stride(0),
         _DTYPES[k.dtype],
     )
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Index of each row's maximum of (rows, cols) logits, the first one on ties, NaN counted
+    as the largest: `logits.max(dim=-1).indices`, in one pass of vector maxima per row."""
+    rows, cols = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(rows, dtype=torch.int64)
+    _lib().inferhub_argmax_rows(
+        logits.data_ptr(),
+        rows,
+        cols,
+        logits.stride(0),
+        _DTYPES[logits.dtype],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
 
 
 @functools.cache

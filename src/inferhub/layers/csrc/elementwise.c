@@ -193,3 +193,53 @@ int inferhub_write_kv(const void *k, const void *v, void *k_cache, void *v_cache
     }
     return 0;
 }
+
+/* out[r] = index of the largest value of row r, the first one on ties; a row holding NaN
+ * gives its first NaN (torch's max(dim) treats NaN as the largest). Rows are `stride`
+ * elements apart. */
+int inferhub_argmax_rows(const void *x, int64_t rows, int64_t cols, int64_t stride, int dtype,
+                         int64_t *out, int num_threads) {
+    const int parallel = num_threads > 1 && rows * cols >= (1 << 16);
+#pragma omp parallel for num_threads(num_threads) if (parallel) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t base = r * stride;
+        float best = -INFINITY;
+        int nan = 0;
+        int64_t i = 0;
+#ifdef HAVE_AVX512
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        __mmask16 unordered = 0;
+        for (; i + 16 <= cols; i += 16) {
+            const __m512 v = load16(x, base + i, dtype);
+            unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            vmax = _mm512_max_ps(vmax, v);
+        }
+        nan = unordered != 0;
+        best = _mm512_reduce_max_ps(vmax);
+#endif
+        for (; i < cols; i++) {
+            const float v = load(x, base + i, dtype);
+            if (v != v) nan = 1;
+            if (v > best) best = v;
+        }
+        int64_t idx = 0, j = 0;
+#ifdef HAVE_AVX512
+        const __m512 vbest = _mm512_set1_ps(best);
+        for (; j + 16 <= cols; j += 16) {
+            const __m512 v = load16(x, base + j, dtype);
+            const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)
+                                      : _mm512_cmp_ps_mask(v, vbest, _CMP_EQ_OQ);
+            if (hit) break;
+        }
+#endif
+        for (; j < cols; j++) {
+            const float v = load(x, base + j, dtype);
+            if (nan ? v != v : v == best) {
+                idx = j;
+                break;
+            }
+        }
+        out[r] = idx;
+    }
+    return 0;
+}
