@@ -312,3 +312,17 @@ def test_argmax_rows_matches_torch_max_with_ties_nan_and_inf(dtype: torch.dtype)
     got = cpu_kernels.argmax_rows(logits)
     assert got.tolist() == logits.max(dim=-1).indices.tolist()
     assert got[1] == 5 and got[2] == 996 and got[3] == 10 and got[4] == 0
+
+
+@needs_amx
+def test_amx_layer_sends_other_dtypes_and_widths_to_torch() -> None:
+    from inferhub.layers.amx_linear import dense_forward
+
+    torch.manual_seed(2)
+    w = torch.randn(64, 64).to(torch.bfloat16)
+    packed = cpu_kernels.amx_pack_bf16(w)
+    x32 = torch.randn(3, 64)
+    with pytest.raises(RuntimeError):  # F.linear refuses the dtype mix: no silent garbage
+        dense_forward(x32, w, None, packed)
+    with pytest.raises(RuntimeError):  # a wider input is refused, not read past the weights
+        dense_forward(torch.randn(3, 96).to(torch.bfloat16), w, None, packed)

@@ -7,8 +7,9 @@ projection from 1 to 384 rows on this project's CPU, even at 512 rows and slower
 (docs/benchmarks.md), so calls of more than `AMX_MAX_ROWS` rows (prefill chunks) stay on
 `F.linear`. The packed copy costs as much memory as the weight it packs.
 
-The arithmetic is the same kind as torch's: exact bf16 products, float32 sums (in the
-hardware's order), one rounding to bfloat16.
+The arithmetic is the same kind as torch's: bf16 products in float32, float32 sums (in the
+hardware's order), one rounding to bfloat16; the tiles treat subnormal inputs and results as
+zero. Anything but a 2-D bfloat16 input of the weight's width goes to `F.linear`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ def dense_forward(
     max_rows: int = AMX_MAX_ROWS,
 ) -> torch.Tensor:
     """x @ weight^T + bias: on the packed AMX copy when there is one and the call is small."""
-    if packed is not None and x.dim() == 2 and x.shape[0] <= max_rows:
+    if (
+        packed is not None
+        and x.dim() == 2
+        and x.shape[0] <= max_rows
+        and x.dtype == torch.bfloat16
+        and x.shape[1] == weight.shape[1]
+    ):
         return cpu_kernels.amx_linear_bf16(x, packed, weight.shape[0], bias)
     return F.linear(x, weight, bias)
 

@@ -96,7 +96,7 @@ def _use_amx(model: Qwen2ForCausalLM) -> int:
             weights += param.numel() * param.element_size()
     if model.config.tie_word_embeddings:
         weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = _memory_available()
     if weights > available // 4:
         log.info("AMX kernels off: packing %.1f GB of weights would not fit", weights / 1e9)
         return 0
@@ -434,3 +434,16 @@ def _load_gguf(
     output = tensors.get("output.weight", tensors["token_embd.weight"])
     loaded.quantized_output = output.tensor_type.name not in ("F32", "F16", "BF16")
     return loaded
+
+
+def _memory_available() -> int:
+    """MemAvailable (free memory plus what the kernel can reclaim, such as the page cache the
+    model file just filled), or the free pages where /proc/meminfo is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -13,6 +13,7 @@
  * Arithmetic: products of bfloat16 values are exact in float32, sums are float32 (in an order
  * of the hardware's own, as oneDNN's AMX kernels, which torch uses, also have), the bias is
  * added in float32, and the result is rounded to bfloat16 to nearest even, as torch rounds.
+ * TDPBF16PS treats subnormal inputs and results as zero.
  *
  * Shapes: K and N multiples of 32 (every projection of the models we serve); any M.
  */

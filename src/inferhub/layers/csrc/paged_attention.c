@@ -195,7 +195,7 @@ static inline void row_offsets(const int32_t *table, int64_t ctx, int64_t block_
 }
 
 /* Like attend_avx512, for bfloat16 with head_dim = 32 * NQ: q . k with bf16 dot products
- * (exact products, float32 sums) over 16 positions at a time, finished by one transposed
+ * (exact products, float32 sums; subnormals count as zero) over 16 positions at a time, finished by one transposed
  * reduction; p . v in float32 with each bf16 row split into its even and odd elements (two
  * instructions instead of a widening conversion). */
 static inline __attribute__((always_inline)) void attend_bf16(
