@@ -1,7 +1,9 @@
 """Offline throughput and single-stream decode: inferhub's engine against `transformers`.
 
 Same model file (the embedded default GGUF unless --model), same dtype, same workloads,
-in one run. Prints a table and writes benchmarks/results/bench_engine.json.
+in one process: both engines are loaded once, then measured in --repeats pairs whose order
+alternates, and the median of the pairs' ratios is the figure (the machines here drift by
+1.5x between minutes). Prints a table and writes benchmarks/results/bench_engine.json.
 
     python benchmarks/bench_engine.py [--requests 64 --input-len 128 --output-len 128]
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +38,13 @@ def random_prompts(
     return [[rng.choice(ok) for _ in range(length)] for _ in range(n)]
 
 
-def bench_inferhub(
+Measure = Callable[[], dict[str, float]]
+
+
+def inferhub_runner(
     model: str, dtype: str, prompts: list[list[int]], out_len: int, single_len: int, args: Any
-) -> dict[str, float]:
+) -> Measure:
+    """Load the engine once; each call of the result times one offline run and one stream."""
     llm = LLM(
         EngineConfig(
             model=model,
@@ -48,34 +56,38 @@ def bench_inferhub(
         )
     )
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    single = SamplingParams(temperature=0.0, max_tokens=single_len, ignore_eos=True)
     llm.generate(
         prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     )  # warm-up
-    t0 = time.perf_counter()
-    results = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - t0
-    generated = sum(len(r[0].token_ids) for r in results)
-    # single stream: one short prompt, many output tokens
-    single = SamplingParams(temperature=0.0, max_tokens=single_len, ignore_eos=True)
     llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    t0 = time.perf_counter()
-    r = llm.generate([prompts[0][:16]], single)
-    single_s = time.perf_counter() - t0
-    return {
-        "throughput_tok_s": generated / elapsed,
-        "offline_elapsed_s": elapsed,
-        "single_stream_tok_s": len(r[0][0].token_ids) / single_s,
-    }
+
+    def measure() -> dict[str, float]:
+        t0 = time.perf_counter()
+        results = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - t0
+        generated = sum(len(r[0].token_ids) for r in results)
+        # single stream: one short prompt, many output tokens
+        t0 = time.perf_counter()
+        r = llm.generate([prompts[0][:16]], single)
+        single_s = time.perf_counter() - t0
+        return {
+            "throughput_tok_s": generated / elapsed,
+            "offline_elapsed_s": elapsed,
+            "single_stream_tok_s": len(r[0][0].token_ids) / single_s,
+        }
+
+    return measure
 
 
-def bench_transformers(
+def transformers_runner(
     model: str,
     dtype: torch.dtype,
     prompts: list[list[int]],
     out_len: int,
     single_len: int,
     batch: int,
-) -> dict[str, float]:
+) -> Measure:
     from transformers import AutoModelForCausalLM
 
     path = Path(model)
@@ -101,20 +113,24 @@ def bench_transformers(
         return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
 
     run(prompts[:2], 4)  # warm-up
-    t0 = time.perf_counter()
-    generated = 0
-    for i in range(0, len(prompts), batch):
-        generated += run(prompts[i : i + batch], out_len)
-    elapsed = time.perf_counter() - t0
     run([prompts[0][:16]], 8)
-    t0 = time.perf_counter()
-    n = run([prompts[0][:16]], single_len)
-    single_s = time.perf_counter() - t0
-    return {
-        "throughput_tok_s": generated / elapsed,
-        "offline_elapsed_s": elapsed,
-        "single_stream_tok_s": n / single_s,
-    }
+
+    def measure() -> dict[str, float]:
+        t0 = time.perf_counter()
+        generated = 0
+        for i in range(0, len(prompts), batch):
+            generated += run(prompts[i : i + batch], out_len)
+        elapsed = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = run([prompts[0][:16]], single_len)
+        single_s = time.perf_counter() - t0
+        return {
+            "throughput_tok_s": generated / elapsed,
+            "offline_elapsed_s": elapsed,
+            "single_stream_tok_s": n / single_s,
+        }
+
+    return measure
 
 
 def main() -> None:
@@ -129,6 +145,7 @@ def main() -> None:
     ap.add_argument("--batched-tokens", type=int, default=2048)
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="paired runs, order alternating")
     args = ap.parse_args()
     model = args.model or default_model_path()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -139,20 +156,39 @@ def main() -> None:
     special = set(llm_probe.tokenizer.hf.all_special_ids)
     del llm_probe
     prompts = random_prompts(args.requests, args.input_len, vocab, special, args.seed)
-    rows: list[dict[str, Any]] = []
-    ours = bench_inferhub(model, args.dtype, prompts, args.output_len, args.single_len, args)
-    rows.append({"engine": "inferhub", **ours})
+    ours = inferhub_runner(model, args.dtype, prompts, args.output_len, args.single_len, args)
+    theirs: Measure | None = None
     if not args.skip_transformers:
         tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-        theirs = bench_transformers(
+        theirs = transformers_runner(
             model, tdtype, prompts, args.output_len, args.single_len, args.hf_batch
         )
-        rows.append({"engine": "transformers", **theirs})
+    # Paired repeats, the order alternating (this VM's speed drifts between minutes): each
+    # pair gives a ratio, and the median ratio is the figure to quote.
+    rows: list[dict[str, Any]] = []
+    ratios: list[dict[str, float]] = []
+    for rep in range(args.repeats):
+        order = [("inferhub", ours), ("transformers", theirs)]
+        if rep % 2:
+            order.reverse()
+        got: dict[str, dict[str, float]] = {}
+        for name, measure in order:
+            if measure is not None:
+                got[name] = measure()
+                rows.append({"engine": f"{name} #{rep + 1}", **got[name]})
+        if "transformers" in got:
+            a, b = got["inferhub"], got["transformers"]
+            ratio = {
+                "throughput_tok_s": a["throughput_tok_s"] / b["throughput_tok_s"],
+                "single_stream_tok_s": a["single_stream_tok_s"] / b["single_stream_tok_s"],
+            }
+            ratios.append(ratio)
+            rows.append({"engine": f"ratio #{rep + 1}", **ratio})
+    if ratios:
         rows.append(
             {
-                "engine": "ratio inferhub/transformers",
-                "throughput_tok_s": ours["throughput_tok_s"] / theirs["throughput_tok_s"],
-                "single_stream_tok_s": ours["single_stream_tok_s"] / theirs["single_stream_tok_s"],
+                "engine": "median ratio inferhub/transformers",
+                **{k: statistics.median(r[k] for r in ratios) for k in ratios[0]},
             }
         )
     print(
