@@ -3,12 +3,15 @@ rotary against the torch code they replace; how the engine picks them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from inferhub.engine.device import resolve_backend
+from inferhub.engine.llm import LLM
+from inferhub.engine.sampling_params import SamplingParams
 from inferhub.layers import cpu_kernels
 from inferhub.layers.activation import silu_and_mul
 from inferhub.layers.norm import RMSNorm
@@ -326,3 +329,30 @@ def test_amx_layer_sends_other_dtypes_and_widths_to_torch() -> None:
         dense_forward(x32, w, None, packed)
     with pytest.raises(RuntimeError):  # a wider input is refused, not read past the weights
         dense_forward(torch.randn(3, 96).to(torch.bfloat16), w, None, packed)
+
+
+@needs_amx
+def test_a_bf16_engine_packs_its_projections_and_keeps_its_outputs(
+    tiny_hf: dict[str, Path], make_llm: Callable[..., LLM]
+) -> None:
+    """Loading in bf16 packs every projection the tiles can run (the tiny model's vocabulary,
+    400, is not a multiple of 32: its output projection stays on torch); the tokens and
+    logprobs of the decode steps (2-6 rows) match the same engine with the tiles off."""
+    from inferhub.layers.amx_linear import AmxLinear
+
+    llm = make_llm(tiny_hf["qwen2"], dtype="bfloat16")
+    model = llm.engine.runner.model
+    amx = [m for m in model.modules() if isinstance(m, AmxLinear)]
+    assert len(amx) == 4 * model.config.num_hidden_layers
+    assert not isinstance(model.lm_head, AmxLinear)
+    prompts = [[5, 9, 33, 71], [200, 3, 8], [17, 18, 19, 20, 21], [40, 41]]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    with_tiles = llm.generate(prompts, params)
+    for m in amx:
+        m.max_rows = 0  # every call on F.linear
+    without = llm.generate(prompts, params)
+    for a, b in zip(with_tiles, without, strict=True):
+        assert a[0].token_ids == b[0].token_ids
+        assert a[0].logprobs is not None and b[0].logprobs is not None
+        for x, y in zip(a[0].logprobs, b[0].logprobs, strict=True):
+            assert abs(x.logprob - y.logprob) < 0.05
