@@ -119,7 +119,7 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
-    lib.inferhub_amx_pack_bf16.argtypes = [ptr, i64, i64, ptr]
+    lib.inferhub_amx_pack_bf16.argtypes = [ptr, i64, i64, ptr, i32]
     lib.inferhub_amx_pack_bf16.restype = None
     return lib
 
@@ -316,7 +316,9 @@ def amx_pack_bf16(weight: torch.Tensor) -> torch.Tensor:
         )
     weight = weight.detach().contiguous()
     packed = torch.empty(n * k, dtype=torch.bfloat16)
-    _lib().inferhub_amx_pack_bf16(weight.data_ptr(), n, k, packed.data_ptr())
+    _lib().inferhub_amx_pack_bf16(
+        weight.data_ptr(), n, k, packed.data_ptr(), torch.get_num_threads()
+    )
     return packed
 
 

@@ -55,17 +55,18 @@ static void configure_tiles(void) {
     _tile_loadconfig(&cfg);
 }
 
-void inferhub_amx_pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) {
+void inferhub_amx_pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed,
+                            int num_threads) {
+    /* each tile is a 16 x 16 transpose of (k, k + 1) pairs, copied as 32-bit words */
     const int64_t kb_count = k / 32;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t nb = 0; nb < n / 16; nb++)
         for (int64_t kb = 0; kb < kb_count; kb++) {
             uint16_t *tile = packed + (nb * kb_count + kb) * 512;
-            for (int64_t r = 0; r < 16; r++)
-                for (int64_t c = 0; c < 16; c++) {
-                    const uint16_t *src = w + (nb * 16 + c) * k + kb * 32 + 2 * r;
-                    tile[r * 32 + 2 * c] = src[0];
-                    tile[r * 32 + 2 * c + 1] = src[1];
-                }
+            for (int64_t c = 0; c < 16; c++) {
+                const uint16_t *src = w + (nb * 16 + c) * k + kb * 32;
+                for (int64_t r = 0; r < 16; r++) memcpy(tile + r * 32 + 2 * c, src + 2 * r, 4);
+            }
         }
 }
 
@@ -175,8 +176,9 @@ int inferhub_amx_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_
 
 #else /* no AMX here: the engine keeps torch's matrix products */
 int inferhub_amx_init(void) { return -1; }
-void inferhub_amx_pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) {
-    (void)w, (void)n, (void)k, (void)packed;
+void inferhub_amx_pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed,
+                            int num_threads) {
+    (void)w, (void)n, (void)k, (void)packed, (void)num_threads;
 }
 int inferhub_amx_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_stride,
                              const uint16_t *packed, int64_t n, const uint16_t *bias,
