@@ -193,10 +193,12 @@ class Generation:
                 if self.deadline is None:
                     item = await queue.get()
                 else:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the item
+                    # when it arrives together with a cancellation and drops the cancellation
+                    # (a client that left looked like one that stayed: CI caught it)
                     try:
-                        item = await asyncio.wait_for(
-                            queue.get(), max(0.0, self.deadline - time.monotonic())
-                        )
+                        async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                            item = await queue.get()
                     except TimeoutError:
                         raise self._timeout_error() from None
                 self._dequeue()
