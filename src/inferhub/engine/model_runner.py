@@ -118,7 +118,6 @@ class ModelRunner:
             mask=mask.unsqueeze(1).to(dev),  # (B, 1, Q, L)
             all_valid=all(n == q_max for n in lens),
             context_len=ctx_lens[0] if b == 1 else None,
-            from_start=b == 1 and starts[0] == 0,
             all_from_start=all(s == 0 for s in starts),
         )
 

@@ -32,10 +32,8 @@ class AttentionGroup:
     blocks: torch.Tensor  # (B, nb) block table; the context is nb * block_size positions
     mask: torch.Tensor  # (B, 1, Q, L) bool, True where the query may attend
     all_valid: bool  # no padded queries (every row has Q queries)
-    # One sequence only: its context length (keys past it are dropped instead of masked), and
-    # whether its queries start at position 0 (plain causal attention, no mask needed).
+    # One sequence only: its context length (keys past it are dropped instead of masked).
     context_len: int | None = None
-    from_start: bool = False
     # Every sequence's queries start at position 0: its context is exactly this step's new
     # keys and values (a first prefill chunk without a prefix-cache hit).
     all_from_start: bool = False
@@ -97,59 +95,47 @@ def _attend_group(
 ) -> torch.Tensor:
     """q_flat: (N, H, D) for this group's tokens, k_new / v_new (N, Hkv, D) their new keys
     and values; returns (N, H, D)."""
+    q = _padded(q_flat, group)  # (B, Q, H, D)
     if group.all_from_start and k_new is not None and v_new is not None and backend != "torch":
-        return _attend_new_tokens(q_flat, k_new, v_new, group, scale)
-    b, nb = group.blocks.shape
-    hkv, d = k_cache.shape[1], k_cache.shape[2]
-    if group.all_valid and group.q_index.shape[1] == 1:
-        q = q_flat.unsqueeze(1)  # decodes are already in order: (B, 1, H, D)
-    else:
-        q = q_flat[group.q_index]  # (B, Q, H, D)
-    # Copy whole blocks with index_select (a memcpy per block, far faster than advanced
-    # indexing): (B * nb, block * Hkv * D) -> (B, L, Hkv, D)
-    flat = group.blocks.reshape(-1)
-    k = torch.index_select(k_cache.view(-1, block_size * hkv * d), 0, flat)
-    v = torch.index_select(v_cache.view(-1, block_size * hkv * d), 0, flat)
-    k = k.view(b, nb * block_size, hkv, d)
-    v = v.view(b, nb * block_size, hkv, d)
-    mask = group.mask
-    if group.context_len is not None:  # one sequence: drop the keys past its context
-        k, v = k[:, : group.context_len], v[:, : group.context_len]
-        mask = mask[..., : group.context_len]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, len, D)
-    if backend == "torch":
-        out = _attend_torch(q, k, v, mask, scale)
-    elif group.context_len is not None and q.shape[2] == 1:  # a decode sees its whole context
-        out = _attend_sdpa(q, k, v, None, scale)
-    elif group.context_len is not None and group.from_start:  # a first prefill chunk
+        # The context is exactly this step's tokens: attend over them causally (no gather
+        # from the cache, no mask). Padding sits after each sequence's last query, so no real
+        # query sees it; the padded queries' rows are dropped below.
+        k, v = _padded(k_new, group), _padded(v_new, group)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, Q, D)
         out = _attend_sdpa(q, k, v, None, scale, is_causal=True)
     else:
-        out = _attend_sdpa(q, k, v, mask, scale)
+        b, nb = group.blocks.shape
+        hkv, d = k_cache.shape[1], k_cache.shape[2]
+        # Copy whole blocks with index_select (a memcpy per block, far faster than advanced
+        # indexing): (B * nb, block * Hkv * D) -> (B, L, Hkv, D)
+        flat = group.blocks.reshape(-1)
+        k = torch.index_select(k_cache.view(-1, block_size * hkv * d), 0, flat)
+        v = torch.index_select(v_cache.view(-1, block_size * hkv * d), 0, flat)
+        k = k.view(b, nb * block_size, hkv, d)
+        v = v.view(b, nb * block_size, hkv, d)
+        mask = group.mask
+        if group.context_len is not None:  # one sequence: drop the keys past its context
+            k, v = k[:, : group.context_len], v[:, : group.context_len]
+            mask = mask[..., : group.context_len]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, len, D)
+        if backend == "torch":
+            out = _attend_torch(q, k, v, mask, scale)
+        elif group.context_len is not None and q.shape[2] == 1:  # a decode sees its context
+            out = _attend_sdpa(q, k, v, None, scale)
+        else:
+            out = _attend_sdpa(q, k, v, mask, scale)
     out = out.transpose(1, 2)  # (B, Q, H, D)
     if group.all_valid:
         return out.reshape(-1, out.shape[-2], out.shape[-1])
     return out[group.q_valid]  # (N, H, D)
 
 
-def _attend_new_tokens(
-    q_flat: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    group: AttentionGroup,
-    scale: float,
-) -> torch.Tensor:
-    """Sequences whose context is only this step's tokens: causal attention over the new keys
-    and values themselves (no gather from the cache, no mask). Padding sits after each
-    sequence's last query, so no real query sees it; the padded queries' rows are dropped."""
-    if group.all_valid and group.q_index.shape[0] == 1:
-        q, k, v = q_flat.unsqueeze(0), k_new.unsqueeze(0), v_new.unsqueeze(0)
-    else:
-        q, k, v = q_flat[group.q_index], k_new[group.q_index], v_new[group.q_index]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, Q, D)
-    out = _attend_sdpa(q, k, v, None, scale, is_causal=True).transpose(1, 2)  # (B, Q, H, D)
+def _padded(flat: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """A group's flat rows (N, ...) as (B, Q, ...), padded where sequences are shorter. With
+    no padding the rows are already in that order (each sequence's tokens follow the last)."""
     if group.all_valid:
-        return out.reshape(-1, out.shape[-2], out.shape[-1])
-    return out[group.q_valid]
+        return flat.reshape(*group.q_index.shape, *flat.shape[1:])
+    return flat[group.q_index]
 
 
 def _decode_kernel(backend: str) -> Callable[..., torch.Tensor]:
