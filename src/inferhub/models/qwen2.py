@@ -7,7 +7,7 @@ makes about 270 such calls, 4% of a single-stream step on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
 import torch
@@ -166,12 +166,7 @@ class Qwen2ForCausalLM(nn.Module):
     def use_amx(self) -> int:
         """Pack every projection that AMX tiles can run (bfloat16 on a CPU with them) for the
         tile kernel; returns how many were packed."""
-        packed = 0
-        for layer in self.layers:
-            for target in self._PROJECTIONS:
-                parent_name, attr = target.split(".")
-                parent = getattr(layer, parent_name)
-                packed += _pack_for_amx(parent, attr)
+        packed = sum(_pack_for_amx(parent, attr) for _, parent, attr, _ in self._projections())
         return packed + _pack_for_amx(self, "lm_head")
 
     # -- 4-bit weights (CPU) ----------------------------------------------------------------
@@ -192,23 +187,27 @@ class Qwen2ForCausalLM(nn.Module):
         of projections converted.
         """
         converted = 0
+        for i, parent, attr, parts in self._projections():
+            linear = getattr(parent, attr)
+            if not isinstance(linear, nn.Linear) or linear.in_features % GROUP:
+                continue  # already converted, or not in whole groups
+            if weights is None:
+                int4 = Int4Weight.quantize(linear.weight)
+            else:
+                names = [f"model.layers.{i}.{part}.weight" for part in parts]
+                if not all(name in weights for name in names):
+                    continue
+                int4 = Int4Weight.cat([weights[name] for name in names])
+            setattr(parent, attr, Int4Linear(linear, int4, max_rows))
+            converted += 1
+        return converted
+
+    def _projections(self) -> Iterator[tuple[int, nn.Module, str, tuple[str, ...]]]:
+        """(layer index, parent module, attribute, checkpoint parts) of every projection."""
         for i, layer in enumerate(self.layers):
             for target, parts in self._PROJECTIONS.items():
                 parent_name, attr = target.split(".")
-                parent = getattr(layer, parent_name)
-                linear = getattr(parent, attr)
-                if not isinstance(linear, nn.Linear) or linear.in_features % GROUP:
-                    continue  # already converted, or not in whole groups
-                if weights is None:
-                    int4 = Int4Weight.quantize(linear.weight)
-                else:
-                    names = [f"model.layers.{i}.{part}.weight" for part in parts]
-                    if not all(name in weights for name in names):
-                        continue
-                    int4 = Int4Weight.cat([weights[name] for name in names])
-                setattr(parent, attr, Int4Linear(linear, int4, max_rows))
-                converted += 1
-        return converted
+                yield i, getattr(layer, parent_name), attr, parts
 
     # -- weights ---------------------------------------------------------------------------
     _FUSED: ClassVar[dict[str, tuple[str, int]]] = {
