@@ -356,3 +356,15 @@ def test_a_bf16_engine_packs_its_projections_and_keeps_its_outputs(
         assert a[0].logprobs is not None and b[0].logprobs is not None
         for x, y in zip(a[0].logprobs, b[0].logprobs, strict=True):
             assert abs(x.logprob - y.logprob) < 0.05
+
+
+def test_inferhub_disable_amx_turns_the_tiles_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inferhub.layers.amx_linear import amx_supported
+
+    monkeypatch.setenv("INFERHUB_DISABLE_AMX", "1")
+    cpu_kernels.amx_available.cache_clear()
+    try:
+        assert cpu_kernels.amx_available() is False
+        assert not amx_supported(torch.zeros(64, 64, dtype=torch.bfloat16))
+    finally:
+        cpu_kernels.amx_available.cache_clear()  # the next caller sees this machine again
