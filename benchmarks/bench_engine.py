@@ -38,18 +38,21 @@ def random_prompts(
     return [[rng.choice(ok) for _ in range(length)] for _ in range(n)]
 
 
-Measure = Callable[[], dict[str, float]]
+# One timed run on the given prompts. Each repeat brings prompts of its own: the engine's
+# prefix cache keeps the blocks of prompts it has seen, so a repeat of the same prompts would
+# skip their prefill.
+Measure = Callable[[list[list[int]]], dict[str, float]]
 
 
 def inferhub_runner(
-    model: str, dtype: str, prompts: list[list[int]], out_len: int, single_len: int, args: Any
+    model: str, dtype: str, warm: list[list[int]], out_len: int, single_len: int, args: Any
 ) -> Measure:
     """Load the engine once; each call of the result times one offline run and one stream."""
     llm = LLM(
         EngineConfig(
             model=model,
             dtype=dtype,
-            max_num_seqs=max(len(prompts), 1),
+            max_num_seqs=max(args.requests, 1),
             max_num_batched_tokens=args.batched_tokens,
             kv_cache_memory=2 << 30,
             show_progress=False,
@@ -57,12 +60,10 @@ def inferhub_runner(
     )
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
     single = SamplingParams(temperature=0.0, max_tokens=single_len, ignore_eos=True)
-    llm.generate(
-        prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    )  # warm-up
-    llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    llm.generate(warm[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    llm.generate([warm[0][:16]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
 
-    def measure() -> dict[str, float]:
+    def measure(prompts: list[list[int]]) -> dict[str, float]:
         t0 = time.perf_counter()
         results = llm.generate(prompts, params)
         elapsed = time.perf_counter() - t0
@@ -83,7 +84,7 @@ def inferhub_runner(
 def transformers_runner(
     model: str,
     dtype: torch.dtype,
-    prompts: list[list[int]],
+    warm: list[list[int]],
     out_len: int,
     single_len: int,
     batch: int,
@@ -112,10 +113,10 @@ def transformers_runner(
             )
         return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
 
-    run(prompts[:2], 4)  # warm-up
-    run([prompts[0][:16]], 8)
+    run(warm[:2], 4)  # warm-up
+    run([warm[0][:16]], 8)
 
-    def measure() -> dict[str, float]:
+    def measure(prompts: list[list[int]]) -> dict[str, float]:
         t0 = time.perf_counter()
         generated = 0
         for i in range(0, len(prompts), batch):
@@ -155,26 +156,28 @@ def main() -> None:
     vocab = llm_probe.engine.vocab_size
     special = set(llm_probe.tokenizer.hf.all_special_ids)
     del llm_probe
-    prompts = random_prompts(args.requests, args.input_len, vocab, special, args.seed)
-    ours = inferhub_runner(model, args.dtype, prompts, args.output_len, args.single_len, args)
+    warm = random_prompts(2, args.input_len, vocab, special, args.seed + 1_000_000)
+    ours = inferhub_runner(model, args.dtype, warm, args.output_len, args.single_len, args)
     theirs: Measure | None = None
     if not args.skip_transformers:
         tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
         theirs = transformers_runner(
-            model, tdtype, prompts, args.output_len, args.single_len, args.hf_batch
+            model, tdtype, warm, args.output_len, args.single_len, args.hf_batch
         )
     # Paired repeats, the order alternating (this VM's speed drifts between minutes): each
     # pair gives a ratio, and the median ratio is the figure to quote.
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, float]] = []
     for rep in range(args.repeats):
+        # fresh prompts per pair (no prefix-cache hits), the same for both engines
+        prompts = random_prompts(args.requests, args.input_len, vocab, special, args.seed + rep)
         order = [("inferhub", ours), ("transformers", theirs)]
         if rep % 2:
             order.reverse()
         got: dict[str, dict[str, float]] = {}
         for name, measure in order:
             if measure is not None:
-                got[name] = measure()
+                got[name] = measure(prompts)
                 rows.append({"engine": f"{name} #{rep + 1}", **got[name]})
         if "transformers" in got:
             a, b = got["inferhub"], got["transformers"]
