@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from inferhub.engine.device import resolve_backend
 from inferhub.engine.llm import LLM
@@ -368,3 +369,96 @@ def test_inferhub_disable_amx_turns_the_tiles_off(monkeypatch: pytest.MonkeyPatc
         assert not amx_supported(torch.zeros(64, 64, dtype=torch.bfloat16))
     finally:
         cpu_kernels.amx_available.cache_clear()  # the next caller sees this machine again
+
+
+needs_lowbit = pytest.mark.skipif(
+    not cpu_kernels.lowbit_available(), reason="no AVX512-BF16 here: torch's low-bit kernels"
+)
+
+
+def _fp16_exact_int4(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, scale, zero as a GGUF Q4_1 file has them: scale d and minimum m are float16."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d = (torch.rand(n, k // 32, generator=g) * 0.05 + 0.001).half().float()
+    m = (torch.randn(n, k // 32, generator=g) * 0.2).half().float()
+    return q, d, m + 8 * d  # zero = m + 8 d: w = (q - 8) d + zero = q d + m
+
+
+@needs_lowbit
+@pytest.mark.parametrize("n,k", [(64, 32), (192, 96), (128, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_q4_kernel_is_the_dequantized_product_rounded_once(
+    n: int, k: int, m: int, with_bias: bool
+) -> None:
+    q, scale, zero = _fp16_exact_int4(n, k, seed=n + k + m)
+    w = ((q.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)).double()
+    x = torch.randn(m, 2 * k, dtype=torch.bfloat16)[:, ::2]  # a strided input too
+    bias = torch.randn(n, dtype=torch.bfloat16) if with_bias else None
+    out = cpu_kernels.q4_linear_bf16(x, cpu_kernels.q4_pack(q, scale, zero), n, bias)
+    exact = x.double() @ w.t() + (0 if bias is None else bias.double())
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    # float32 sums in another order than float64's, then one rounding to bfloat16
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-4 * exact.abs().max())
+
+
+@needs_lowbit
+@pytest.mark.parametrize("m", [1, 4, 6])
+def test_q8_kernel_matches_torch_int8_kernel(m: int) -> None:
+    torch.manual_seed(m)
+    n, k = 160, 100
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n) * 0.01).to(torch.bfloat16)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    ours = cpu_kernels.q8_linear_bf16(x, cpu_kernels.q8_pack(q), scale.float(), n, None)
+    exact = x.double() @ (q.double() * scale.double()[:, None]).t()
+    torch.testing.assert_close(ours.double(), exact, rtol=2**-8, atol=1e-4 * exact.abs().max())
+    # torch's kernel (what runs without AVX512-BF16) on a width it takes (it faults on 100)
+    q, x = q[:, :64].contiguous(), x[:, :64].contiguous()
+    ours = cpu_kernels.q8_linear_bf16(x, cpu_kernels.q8_pack(q), scale.float(), n, None)
+    theirs = torch._weight_int8pack_mm(x, q, scale)
+    torch.testing.assert_close(ours, theirs, rtol=2**-7, atol=1e-3 * theirs.abs().max().item())
+
+
+@needs_lowbit
+def test_low_bit_packing_refuses_shapes_it_cannot_lay_out() -> None:
+    with pytest.raises(ValueError, match="4-bit packing"):
+        cpu_kernels.q4_pack(
+            torch.zeros(96, 64, dtype=torch.uint8), torch.ones(96, 2), torch.zeros(96, 2)
+        )
+    with pytest.raises(ValueError, match="4-bit packing"):
+        cpu_kernels.q4_pack(
+            torch.zeros(64, 48, dtype=torch.uint8), torch.ones(64, 1), torch.zeros(64, 1)
+        )
+    with pytest.raises(ValueError, match="8-bit packing"):
+        cpu_kernels.q8_pack(torch.zeros(24, 8, dtype=torch.int8))
+
+
+@needs_lowbit
+def test_low_bit_layers_use_the_c_kernels_for_bf16_and_torch_otherwise() -> None:
+    from torch import nn
+
+    from inferhub.layers.quant_linear import Int4Linear, Int4Weight, Int8Linear
+
+    torch.manual_seed(0)
+    q, scale, zero = _fp16_exact_int4(128, 64, seed=1)
+    w4 = Int4Weight(q, scale, zero)
+    for dtype, on_c in ((torch.bfloat16, True), (torch.float32, False)):
+        linear = nn.Linear(64, 128, bias=True).to(dtype)
+        layer = Int4Linear(linear, w4, max_rows=8)
+        assert (layer.q4 is not None) == on_c and (layer.packed is None) == on_c
+        x = torch.randn(3, 64, dtype=dtype)
+        exact = x.double() @ w4.dequantize().double().t() + linear.bias.double()
+        tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(layer(x).double(), exact, rtol=tol, atol=tol * 10)
+    # a width the C layout cannot take keeps torch's kernel
+    q96, s96, z96 = _fp16_exact_int4(96, 64, seed=2)
+    layer = Int4Linear(nn.Linear(64, 96).to(torch.bfloat16), Int4Weight(q96, s96, z96), 8)
+    assert layer.q4 is None and layer.packed is not None
+    head = Int8Linear(nn.Linear(64, 320, bias=False).to(torch.bfloat16), max_rows=4)
+    assert head.q8 is not None and head.q.numel() == 0
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(
+        head(x).float(), F.linear(x, head.weight).float(), atol=0.05, rtol=0.05
+    )

@@ -27,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention.c", "elementwise.c", "amx_gemm.c")
+SOURCES = ("paged_attention.c", "elementwise.c", "amx_gemm.c", "lowbit_gemv.c")
 HEADERS = ("simd.h",)
 # No FMA contraction: the elementwise kernels reproduce torch's float32 rounding step by step.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off")
@@ -115,12 +115,18 @@ def library() -> ctypes.CDLL | None:
     }
     signatures["inferhub_amx_init"] = []
     signatures["inferhub_amx_linear_bf16"] = [ptr] + [i64] * 3 + [ptr, i64, ptr, ptr, i32]
+    signatures["inferhub_q4_linear_bf16"] = [ptr] + [i64] * 3 + [ptr, i64, ptr, ptr, i32]
+    signatures["inferhub_q8_linear_bf16"] = [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr, ptr, i32]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
     lib.inferhub_amx_pack_bf16.argtypes = [ptr, i64, i64, ptr, i32]
     lib.inferhub_amx_pack_bf16.restype = None
+    lib.inferhub_q4_pack.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.inferhub_q4_pack.restype = None
+    lib.inferhub_q8_pack.argtypes = [ptr, i64, i64, ptr]
+    lib.inferhub_q8_pack.restype = None
     return lib
 
 
@@ -345,4 +351,89 @@ def amx_linear_bf16(
     )
     if rc != 0:
         raise RuntimeError(f"AMX matrix product failed (code {rc})")
+    return out
+
+
+@functools.cache
+def lowbit_available() -> bool:
+    """The 4-bit and 8-bit kernels of csrc/lowbit_gemv.c run here (AVX512-BF16)."""
+    flags = _cpu_signature().split()
+    return library() is not None and "avx512_bf16" in flags and "avx512bw" in flags
+
+
+def q4_pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """4-bit weights w = (q - 8) * scale + zero (q: (N, K) uint8 0..15; scale, zero: (N,
+    K // 32) float32) in q4_linear_bf16's layout. N % 64 == 0, K % 32 == 0. The layout keeps
+    each group's scale and minimum (zero - 8 * scale) as float16, as GGUF's Q4_0/Q4_1 store
+    them (exact for those; a float16 rounding of weights quantized otherwise)."""
+    n, k = q.shape
+    if n % 64 or k % 32 or q.dtype != torch.uint8:
+        raise ValueError(f"4-bit packing needs (64i, 32j) uint8 values, not {q.dtype} {(n, k)}")
+    q = q.contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    zero = zero.to(torch.float32).contiguous()
+    packed = torch.empty(n * k * 5 // 8, dtype=torch.uint8)  # 0.5 byte + 2 x fp16 / 32
+    _lib().inferhub_q4_pack(
+        q.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, k, packed.data_ptr()
+    )
+    return packed
+
+
+def q4_linear_bf16(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (M, K) bfloat16 @ the q4_pack'ed (N, K) weight^T (+ bias): (M, N) bfloat16."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = _lib().inferhub_q4_linear_bf16(
+        x.data_ptr(),
+        m,
+        k,
+        x.stride(0),
+        packed.data_ptr(),
+        n,
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"4-bit matrix product failed (code {rc})")
+    return out
+
+
+def q8_pack(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 weights in q8_linear_bf16's layout (16 output columns per vector)."""
+    n, k = q.shape
+    if n % 16 or q.dtype != torch.int8:
+        raise ValueError(f"8-bit packing needs (16i, K) int8 values, not {q.dtype} {(n, k)}")
+    q = q.contiguous()
+    packed = torch.empty(n * k, dtype=torch.int8)
+    _lib().inferhub_q8_pack(q.data_ptr(), n, k, packed.data_ptr())
+    return packed
+
+
+def q8_linear_bf16(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (M, K) bfloat16 @ (q * scale)^T (+ bias) for q8_pack'ed q and float32 scale (N,)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = _lib().inferhub_q8_linear_bf16(
+        x.data_ptr(),
+        m,
+        k,
+        x.stride(0),
+        packed.data_ptr(),
+        scale.data_ptr(),
+        n,
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"8-bit matrix product failed (code {rc})")
     return out
