@@ -12,6 +12,10 @@ import torch.nn.functional as F
 from test_loader import assert_logits_match, hf_model, our_logits
 from torch import nn
 
+from inferhub.config import EngineConfig
+from inferhub.engine.llm import LLM
+from inferhub.engine.sampling_params import SamplingParams
+from inferhub.layers import cpu_kernels
 from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight, Int8Linear
 from inferhub.models.loader import LoadedModel, load_model
 from tiny_models import ARCHS, gguf_source_dir, make_tiny_gguf
@@ -155,3 +159,52 @@ def test_int8_logits_only_for_quantized_outputs_in_bf16(
     assert float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.99
     assert not load(q4["qwen2-Q4_1"]).int8_lm_head  # float32 stays exact
     assert not load(make_tiny_gguf(tmp_path, "qwen2"), torch.bfloat16).int8_lm_head  # F32 file
+
+
+@pytest.mark.skipif(not cpu_kernels.lowbit_available(), reason="no AVX512-BF16 here")
+@pytest.mark.parametrize("name", [f"{a}-{q}" for a in ARCHS for q in QUANTS])
+def test_decode_layers_in_one_call_equal_the_layer_by_layer_path(
+    q4: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 on 4-bit weights with the C kernels: decode steps of up to int4_max_rows
+    sequences run every layer in one C call; the tokens and their log-probabilities are
+    exactly those of the Python path, for single and batched decodes."""
+    calls: list[int] = []
+    real = cpu_kernels.decode_q4_layers
+
+    def counting(x: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cpu_kernels, "decode_q4_layers", counting)
+
+    def run(one_call: bool) -> list[list[tuple[int, float]]]:
+        llm = LLM(
+            EngineConfig(
+                model=str(q4[name]),
+                dtype="bfloat16",
+                attention_backend="cpu",
+                weight_quant="auto",
+                int4_max_rows=4,
+                kv_cache_memory=1 << 24,
+                show_progress=False,
+            )
+        )
+        model = llm.engine.runner.model
+        assert model._q4_plan is not None
+        if not one_call:
+            model._q4_plan = None
+        prompts = [[5, 9, 2, 7, 1, 3, 8][:n] for n in (7, 3, 5)] + [[4, 4, 6]]
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+        out = llm.generate([prompts[0]], params) + llm.generate(prompts, params)
+        return [
+            [(t, lp.logprob) for t, lp in zip(r[0].token_ids, r[0].logprobs or [], strict=True)]
+            for r in out
+        ]
+
+    fast = run(one_call=True)
+    assert calls and set(calls) == {1, 4}  # one sequence, then four
+    calls.clear()
+    slow = run(one_call=False)
+    assert not calls
+    assert fast == slow

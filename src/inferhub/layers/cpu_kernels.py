@@ -27,7 +27,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention.c", "elementwise.c", "amx_gemm.c", "lowbit_gemv.c")
+SOURCES = (
+    "paged_attention.c",
+    "elementwise.c",
+    "amx_gemm.c",
+    "lowbit_gemv.c",
+    "decode_layers.c",
+)
 HEADERS = ("simd.h",)
 # No FMA contraction: the elementwise kernels reproduce torch's float32 rounding step by step.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off")
@@ -117,6 +123,9 @@ def library() -> ctypes.CDLL | None:
     signatures["inferhub_amx_linear_bf16"] = [ptr] + [i64] * 3 + [ptr, i64, ptr, ptr, i32]
     signatures["inferhub_q4_linear_bf16"] = [ptr] + [i64] * 3 + [ptr, i64, ptr, ptr, i32]
     signatures["inferhub_q8_linear_bf16"] = [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr, ptr, i32]
+    signatures["inferhub_decode_q4_layers"] = (
+        [ptr, ptr, i64, ptr, ptr, ptr] + [i64] * 6 + [f32, f32] + [ptr] * 4 + [i64] * 2
+    ) + [ptr, ptr, i32]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
@@ -436,4 +445,66 @@ def q8_linear_bf16(
     )
     if rc != 0:
         raise RuntimeError(f"8-bit matrix product failed (code {rc})")
+    return out
+
+
+# Addresses per layer in decode_q4_layers' weight table (csrc/decode_layers.c, LAYER_PTRS).
+DECODE_LAYER_PTRS = 7
+
+
+def decode_q4_layers(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    caches: torch.Tensor,
+    final_norm: torch.Tensor,
+    shape: tuple[int, int, int, int, int, int],
+    eps: float,
+    scale: float,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+) -> torch.Tensor:
+    """All decoder layers of a decode step and the final norm, in one call (decode_layers.c).
+
+    x: (M, hidden) bfloat16 embeddings; weights: int64 (layers * DECODE_LAYER_PTRS,) addresses
+    (qkv, qkv bias or 0, o, gate_up, down as q4_pack'ed, then the two norm weights); caches:
+    int64 (layers * 2,) addresses of each layer's key and value cache; shape: (layers, hidden,
+    heads, kv heads, head dim, intermediate). positions, slots int64; block tables and
+    context lengths int32, as for paged_decode_attention. Returns the final hidden states."""
+    m, hidden = x.shape
+    out = torch.empty(m, hidden, dtype=torch.bfloat16)
+    layers, hidden_size, heads, kv_heads, head_dim, inter = shape
+    rc = _lib().inferhub_decode_q4_layers(
+        x.data_ptr(),
+        out.data_ptr(),
+        m,
+        weights.data_ptr(),
+        caches.data_ptr(),
+        final_norm.data_ptr(),
+        layers,
+        hidden_size,
+        heads,
+        kv_heads,
+        head_dim,
+        inter,
+        eps,
+        scale,
+        positions.data_ptr(),
+        slots.data_ptr(),
+        block_tables.data_ptr(),
+        context_lens.data_ptr(),
+        block_tables.shape[1],
+        block_size,
+        cos_cache.data_ptr(),
+        sin_cache.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc == -1:
+        raise MemoryError("the decode layers could not allocate their buffers")
+    if rc != 0:
+        raise RuntimeError(f"the decode layers failed (code {rc})")
     return out

@@ -1,0 +1,99 @@
+/* Every decoder layer of a decode step in one call, for small batches of a bfloat16 model whose
+ * projections run on 4-bit weights (lowbit_gemv.c): the single stream's path.
+ *
+ * A decode token of SmolLM2 makes about 300 calls into C per step through Python (norms,
+ * projections, rotary, cache writes, attention, activation), each paying the interpreter,
+ * ctypes and a fresh tensor: about 3 ms of a 12 ms step. Here the same kernels run in the
+ * same order on the same inputs, so the result is bit for bit the Python path's; only the
+ * trips back to Python are gone.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int inferhub_add_rms_norm(const void *x, const void *residual, const void *weight, void *out,
+                          void *res_out, int64_t rows, int64_t hidden, int64_t x_stride,
+                          float eps, int dtype, int num_threads);
+int inferhub_rotary_inplace(void *qk, const int64_t *positions, const float *cos_cache,
+                            const float *sin_cache, int64_t tokens, int64_t heads,
+                            int64_t head_dim, int64_t token_stride, int dtype, int num_threads);
+int inferhub_silu_and_mul(const void *gate_up, void *out, int64_t rows, int64_t inter,
+                          int dtype, int num_threads);
+int inferhub_write_kv(const void *k, const void *v, void *k_cache, void *v_cache,
+                      const int64_t *slots, int64_t tokens, int64_t width, int64_t k_stride,
+                      int64_t v_stride, int dtype);
+int inferhub_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache,
+                                    const int32_t *block_tables, const int32_t *context_lens,
+                                    void *out, int64_t q_stride, int64_t num_seqs,
+                                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                    int64_t max_blocks, int64_t block_size, float scale,
+                                    int dtype, int num_threads);
+int inferhub_q4_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_stride,
+                            const uint8_t *packed, int64_t n, const uint16_t *bias,
+                            uint16_t *out, int num_threads);
+
+/* Per layer, LAYER_PTRS addresses in `weights`: qkv, qkv bias (0: none), o, gate_up, down
+ * (4-bit packed), input and post-attention norm weights (bfloat16); in `caches`: the
+ * layer's key and value cache. */
+#define LAYER_PTRS 7
+enum { W_QKV, W_QKV_BIAS, W_O, W_GATE_UP, W_DOWN, W_LN1, W_LN2 };
+
+/* x (m, hidden): the embeddings, in; out (m, hidden): the final norm's output. Returns 0, or
+ * the first kernel's error code (-1: no memory). */
+int inferhub_decode_q4_layers(const uint16_t *x, uint16_t *out, int64_t m,
+                              const int64_t *weights, const int64_t *caches,
+                              const uint16_t *final_norm, int64_t num_layers, int64_t hidden,
+                              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                              int64_t inter, float eps, float scale, const int64_t *positions,
+                              const int64_t *slots, const int32_t *block_tables,
+                              const int32_t *context_lens, int64_t max_blocks,
+                              int64_t block_size, const float *cos_cache,
+                              const float *sin_cache, int num_threads) {
+    const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+    const int64_t qkv_n = q_size + 2 * kv_size;
+    const int64_t width = hidden * 3 + qkv_n + q_size + 3 * inter;
+    uint16_t *buf = malloc((size_t)(m * width) * sizeof(uint16_t));
+    if (!buf) return -1;
+    uint16_t *res = buf, *h = res + m * hidden, *hn = h + m * hidden;
+    uint16_t *qkv = hn + m * hidden, *attn = qkv + m * qkv_n, *gu = attn + m * q_size;
+    uint16_t *act = gu + m * 2 * inter;
+    int rc = 0;
+    for (int64_t l = 0; l < num_layers && rc == 0; l++) {
+        const int64_t *w = weights + l * LAYER_PTRS;
+        const uint16_t *ln1 = (const uint16_t *)w[W_LN1], *ln2 = (const uint16_t *)w[W_LN2];
+        if (l == 0) {
+            inferhub_add_rms_norm(x, NULL, ln1, hn, NULL, m, hidden, hidden, eps, 1,
+                                  num_threads);
+            memcpy(res, x, (size_t)(m * hidden) * sizeof(uint16_t));
+        } else {
+            inferhub_add_rms_norm(h, res, ln1, hn, res, m, hidden, hidden, eps, 1, num_threads);
+        }
+        rc = inferhub_q4_linear_bf16(hn, m, hidden, hidden, (const uint8_t *)w[W_QKV], qkv_n,
+                                     (const uint16_t *)w[W_QKV_BIAS], qkv, num_threads);
+        if (rc) break;
+        inferhub_rotary_inplace(qkv, positions, cos_cache, sin_cache, m,
+                                num_heads + num_kv_heads, head_dim, qkv_n, 1, num_threads);
+        void *k_cache = (void *)caches[2 * l], *v_cache = (void *)caches[2 * l + 1];
+        inferhub_write_kv(qkv + q_size, qkv + q_size + kv_size, k_cache, v_cache, slots, m,
+                          kv_size, qkv_n, qkv_n, 1);
+        rc = inferhub_paged_decode_attention(qkv, k_cache, v_cache, block_tables, context_lens,
+                                             attn, qkv_n, m, num_heads, num_kv_heads, head_dim,
+                                             max_blocks, block_size, scale, 1, num_threads);
+        if (rc) break;
+        rc = inferhub_q4_linear_bf16(attn, m, q_size, q_size, (const uint8_t *)w[W_O], hidden,
+                                     NULL, h, num_threads);
+        if (rc) break;
+        inferhub_add_rms_norm(h, res, ln2, hn, res, m, hidden, hidden, eps, 1, num_threads);
+        rc = inferhub_q4_linear_bf16(hn, m, hidden, hidden, (const uint8_t *)w[W_GATE_UP],
+                                     2 * inter, NULL, gu, num_threads);
+        if (rc) break;
+        inferhub_silu_and_mul(gu, act, m, inter, 1, num_threads);
+        rc = inferhub_q4_linear_bf16(act, m, inter, inter, (const uint8_t *)w[W_DOWN], hidden,
+                                     NULL, h, num_threads);
+    }
+    if (rc == 0)
+        inferhub_add_rms_norm(h, res, final_norm, out, res, m, hidden, hidden, eps, 1,
+                              num_threads);
+    free(buf);
+    return rc;
+}
