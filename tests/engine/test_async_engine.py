@@ -184,7 +184,9 @@ def test_the_engine_process_ignores_ctrl_c_and_shutdown_aborts_running_requests(
     p = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)
 
     async def main() -> RequestOutput:
-        outs = await collect(process_engine, "short", [5, 6], SamplingParams(max_tokens=3))
+        outs = await collect(
+            process_engine, "short", [5, 6], SamplingParams(max_tokens=3, ignore_eos=True)
+        )
         assert outs[-1].finished and outs[-1].outputs[0].num_output_tokens == 3
         gen = process_engine.generate("long", [5, 6, 7], p)
         await gen.__anext__()
