@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -343,23 +344,36 @@ def amx_linear_bf16(
     """x (M, K) bfloat16 @ the packed (N, K) weight^T (+ bias): (M, N), as F.linear."""
     if not amx_available():  # the tile state is granted per process: never run without it
         raise RuntimeError("AMX tiles are not available here")
+    return _linear_bf16(_lib().inferhub_amx_linear_bf16, "AMX", x, (packed,), n, bias)
+
+
+def _linear_bf16(
+    fn: Callable[..., int],
+    what: str,
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    n: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Call one of the C matrix products, which all take (x, m, k, x's row stride, the
+    weight's buffers, n, bias or NULL, out, threads) and return 0 or an error code."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = _lib().inferhub_amx_linear_bf16(
+    rc = fn(
         x.data_ptr(),
         m,
         k,
         x.stride(0),
-        packed.data_ptr(),
+        *[w.data_ptr() for w in weights],
         n,
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
         torch.get_num_threads(),
     )
     if rc != 0:
-        raise RuntimeError(f"AMX matrix product failed (code {rc})")
+        raise RuntimeError(f"{what} matrix product failed (code {rc})")
     return out
 
 
@@ -392,24 +406,7 @@ def q4_linear_bf16(
     x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x (M, K) bfloat16 @ the q4_pack'ed (N, K) weight^T (+ bias): (M, N) bfloat16."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = _lib().inferhub_q4_linear_bf16(
-        x.data_ptr(),
-        m,
-        k,
-        x.stride(0),
-        packed.data_ptr(),
-        n,
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if rc != 0:
-        raise RuntimeError(f"4-bit matrix product failed (code {rc})")
-    return out
+    return _linear_bf16(_lib().inferhub_q4_linear_bf16, "4-bit", x, (packed,), n, bias)
 
 
 def q8_pack(q: torch.Tensor) -> torch.Tensor:
@@ -427,25 +424,7 @@ def q8_linear_bf16(
     x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x (M, K) bfloat16 @ (q * scale)^T (+ bias) for q8_pack'ed q and float32 scale (N,)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = _lib().inferhub_q8_linear_bf16(
-        x.data_ptr(),
-        m,
-        k,
-        x.stride(0),
-        packed.data_ptr(),
-        scale.data_ptr(),
-        n,
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if rc != 0:
-        raise RuntimeError(f"8-bit matrix product failed (code {rc})")
-    return out
+    return _linear_bf16(_lib().inferhub_q8_linear_bf16, "8-bit", x, (packed, scale), n, bias)
 
 
 # Addresses per layer in decode_q4_layers' weight table (csrc/decode_layers.c, LAYER_PTRS).
