@@ -70,20 +70,6 @@ void inferhub_amx_pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *p
         }
 }
 
-/* A buffer of at least `bytes` for the calling thread, kept between calls (a fresh one per
- * call would come from mmap, page faults included, past glibc's 128 KB threshold). */
-static uint16_t *tile_scratch(size_t bytes) {
-    static __thread uint16_t *buf = NULL;
-    static __thread size_t cap = 0;
-    if (bytes > cap) {
-        free(buf);
-        cap = (bytes + 4095) / 4096 * 4096;
-        buf = aligned_alloc(64, cap);
-        if (!buf) cap = 0;
-    }
-    return buf;
-}
-
 /* Round the accumulator tile (16 x 16 float32, `rows` of them real) into out. */
 static inline void store_tile(const float *acc, int64_t rows, uint16_t *out, int64_t out_stride,
                               const uint16_t *bias) {
@@ -100,7 +86,7 @@ int inferhub_amx_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_
     /* x copied into tile order: for each 32 rows and 32 columns, two 16 x 64-byte tiles
      * (contiguous tile loads; rows past m are zeros and their results dropped) */
     const int64_t mp = (m + 31) / 32 * 32;
-    uint16_t *xt = tile_scratch((size_t)(mp * k) * sizeof(uint16_t));
+    uint16_t *xt = thread_scratch((size_t)(mp * k) * sizeof(uint16_t));
     if (!xt) return -1;
     const int parallel = num_threads > 1 && mp * n * k >= (int64_t)1 << 22;
 #pragma omp parallel for num_threads(num_threads) if (parallel) schedule(static)

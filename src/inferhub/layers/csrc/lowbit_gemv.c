@@ -173,19 +173,6 @@ int inferhub_q4_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_s
 
 /* ---- 8-bit -------------------------------------------------------------------------- */
 
-/* A float buffer of at least `count` for the calling thread, kept between calls. */
-static float *float_scratch(size_t count) {
-    static __thread float *buf = NULL;
-    static __thread size_t cap = 0;
-    if (count > cap) {
-        free(buf);
-        cap = (count + 1023) / 1024 * 1024;
-        buf = aligned_alloc(64, cap * sizeof(float));
-        if (!buf) cap = 0;
-    }
-    return buf;
-}
-
 /* q: (n, k) int8 row-major -> packed (n / 16, k, 16). n % 16 == 0. */
 void inferhub_q8_pack(const int8_t *q, int64_t n, int64_t k, int8_t *packed) {
     for (int64_t rb = 0; rb < n / 16; rb++)
@@ -199,7 +186,7 @@ int inferhub_q8_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_s
                             const uint16_t *bias, uint16_t *out, int num_threads) {
     if (n % 16 || m <= 0) return -2;
     const int64_t blocks = n / 16;
-    float *xf = float_scratch((size_t)(MR * k));
+    float *xf = thread_scratch((size_t)(MR * k) * sizeof(float));
     if (!xf) return -1;
     for (int64_t r0 = 0; r0 < m; r0 += MR) {
         const int mr = (int)(m - r0 < MR ? m - r0 : MR);

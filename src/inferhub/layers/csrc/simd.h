@@ -3,7 +3,23 @@
 #ifndef INFERHUB_SIMD_H
 #define INFERHUB_SIMD_H
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* A 64-byte aligned buffer of at least `bytes` for the calling thread, kept between calls (a
+ * fresh one per call would come from mmap, page faults included, past glibc's 128 KB
+ * threshold). NULL when out of memory. One buffer per thread and per source file. */
+static inline void *thread_scratch(size_t bytes) {
+    static __thread void *buf = NULL;
+    static __thread size_t cap = 0;
+    if (bytes > cap) {
+        free(buf);
+        cap = (bytes + 4095) / 4096 * 4096;
+        buf = aligned_alloc(64, cap);
+        if (!buf) cap = 0;
+    }
+    return buf;
+}
 
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
