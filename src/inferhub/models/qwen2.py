@@ -114,6 +114,7 @@ class _Q4DecodePlan:
 
     weights: torch.Tensor  # int64 addresses, DECODE_LAYER_PTRS per layer
     max_rows: int  # the 4-bit layers' own limit
+    attn: Attention  # the first layer's: its backend (may change) and scale
     keep: list[torch.Tensor]  # the tensors those addresses point into
     caches_key: tuple[int, int] = (0, 0)
     caches: torch.Tensor | None = None
@@ -158,7 +159,7 @@ class Qwen2ForCausalLM(nn.Module):
             and 0 < x.shape[0] == meta.num_decode_tokens <= plan.max_rows
             and meta.block_tables is not None
             and meta.context_lens is not None
-            and self._decoder_layers()[0].self_attn.backend == "cpu"
+            and plan.attn.backend == "cpu"
         ):
             return self._decode_q4(plan, x, positions, kv_caches, meta)
         fused = self.norm.fused
@@ -187,7 +188,6 @@ class Qwen2ForCausalLM(nn.Module):
             )
             plan.caches_key = key
         cfg = self.config
-        attn = self._decoder_layers()[0].self_attn
         return cpu_kernels.decode_q4_layers(
             x,
             plan.weights,
@@ -202,7 +202,7 @@ class Qwen2ForCausalLM(nn.Module):
                 cfg.intermediate_size,
             ),
             self.norm.eps,
-            attn.scale,
+            plan.attn.scale,
             positions if positions.dtype == torch.int64 else positions.to(torch.int64),
             meta.slot_mapping,
             meta.block_tables.contiguous(),
@@ -218,7 +218,8 @@ class Qwen2ForCausalLM(nn.Module):
         addresses: list[int] = []
         keep: list[torch.Tensor] = []
         max_rows = 1 << 30
-        for layer in self._decoder_layers():
+        layers = [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+        for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             q4: list[torch.Tensor] = []
             for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
@@ -238,10 +239,8 @@ class Qwen2ForCausalLM(nn.Module):
         if self.norm.weight.dtype != torch.bfloat16 or not addresses:
             return None
         assert len(addresses) == cpu_kernels.DECODE_LAYER_PTRS * len(self.layers)
-        return _Q4DecodePlan(torch.tensor(addresses, dtype=torch.int64), max_rows, keep)
-
-    def _decoder_layers(self) -> list[DecoderLayer]:
-        return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+        weights = torch.tensor(addresses, dtype=torch.int64)
+        return _Q4DecodePlan(weights, max_rows, layers[0].self_attn, keep)
 
     def set_attention_backend(self, backend: str) -> None:
         """Pick the attention backend; "triton" and "cpu" also turn on their fused RMSNorm and
