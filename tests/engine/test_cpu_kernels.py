@@ -359,6 +359,74 @@ def test_a_bf16_engine_packs_its_projections_and_keeps_its_outputs(
             assert abs(x.logprob - y.logprob) < 0.05
 
 
+def _gguf_like_q4(
+    n: int, k: int, seed: int, q4_0: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, d, offset as a Q4_1 (offset = the float16 minimum m) or Q4_0 (offset = -8 d) file
+    has them, and the bfloat16 weight a dense load makes of them: float32 q * d + offset
+    (the product exact, one rounding), rounded to bfloat16 by torch."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d = (torch.randn(n, k // 32, generator=g) * 0.02).half().float()
+    offset = -8 * d if q4_0 else (torch.randn(n, k // 32, generator=g) * 0.2).half().float()
+    dense = q.float() * d.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
+    return q, d, offset, dense.to(torch.bfloat16)
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k", [(32, 32), (96, 64), (160, 1536)])
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 64, 130, 300])
+@pytest.mark.parametrize("q4_0", [False, True])
+def test_amx_4bit_tiles_give_the_dense_kernels_bits(n: int, k: int, m: int, q4_0: bool) -> None:
+    """The 4-bit kernel rebuilds the very bfloat16 weights a dense load has, so its products
+    are the dense AMX kernel's, bit for bit (bias or none, a strided input too)."""
+    q, d, offset, dense = _gguf_like_q4(n, k, seed=n + k + m, q4_0=q4_0)
+    packed4 = cpu_kernels.amx_q4_pack(q, d, offset)
+    assert packed4.numel() == n * k * 5 // 8  # 4 bits and two float16s per 32 weights
+    packed16 = cpu_kernels.amx_pack_bf16(dense)
+    x = torch.randn(m, 2 * k, dtype=torch.bfloat16)[:, ::2]
+    for bias in (None, torch.randn(n, dtype=torch.bfloat16)):
+        ours = cpu_kernels.amx_q4_linear_bf16(x, packed4, n, bias)
+        assert torch.equal(ours, cpu_kernels.amx_linear_bf16(x, packed16, n, bias))
+    exact = x.double() @ dense.double().t()
+    torch.testing.assert_close(ours.double() - bias.double(), exact, rtol=2**-7, atol=0.05)
+
+
+@needs_amx
+def test_amx_4bit_packing_refuses_what_it_cannot_hold() -> None:
+    q, d, offset, _ = _gguf_like_q4(64, 64, seed=0, q4_0=False)
+    with pytest.raises(ValueError, match="float16"):
+        cpu_kernels.amx_q4_pack(q, d + 1e-6, offset)  # scales float16 cannot hold exactly
+    with pytest.raises(ValueError, match="float16"):
+        cpu_kernels.amx_q4_pack(q, d, torch.full_like(offset, 1e6))
+    with pytest.raises(ValueError, match="4-bit AMX packing"):
+        cpu_kernels.amx_q4_pack(q[:48], d[:48], offset[:48])
+    with pytest.raises(ValueError, match="4-bit AMX packing"):
+        cpu_kernels.amx_q4_pack(q.to(torch.int32), d, offset)
+
+
+@needs_amx
+def test_an_int4_layer_with_the_files_offsets_runs_dense_calls_on_4bit_tiles() -> None:
+    from torch import nn
+
+    from inferhub.layers.quant_linear import Int4Linear, Int4Weight
+
+    q, d, offset, dense = _gguf_like_q4(128, 64, seed=3, q4_0=False)
+    linear = nn.Linear(64, 128, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(dense)
+    exact = Int4Linear(linear, Int4Weight(q, d, offset + 8 * d, offset), max_rows=0)
+    assert exact.amx_q4 is not None and exact.q4 is None and exact.packed is None
+    exact.use_amx()
+    assert exact.amx_packed is None  # no dense copy beside the 4-bit tiles
+    x = torch.randn(20, 64).to(torch.bfloat16)
+    expected = cpu_kernels.amx_linear_bf16(x, cpu_kernels.amx_pack_bf16(dense), 128, linear.bias)
+    assert torch.equal(exact(x), expected)
+    # weights quantized here (no file offsets) keep the dense path for their large calls
+    lossy = Int4Linear(linear, Int4Weight(q, d, offset + 8 * d), max_rows=4)
+    assert lossy.amx_q4 is None
+
+
 def test_inferhub_disable_amx_turns_the_tiles_off(monkeypatch: pytest.MonkeyPatch) -> None:
     from inferhub.layers.amx_linear import amx_supported
 

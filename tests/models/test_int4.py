@@ -208,3 +208,35 @@ def test_decode_layers_in_one_call_equal_the_layer_by_layer_path(
     slow = run(one_call=False)
     assert not calls
     assert fast == slow
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX tiles here")
+@pytest.mark.parametrize("name", [f"{a}-{q}" for a in ARCHS for q in QUANTS])
+def test_bf16_tiles_read_the_files_4_bits_and_give_the_dense_bits(
+    q4: dict[str, Path], name: str
+) -> None:
+    """A Q4_0/Q4_1 file in bfloat16 (weight_quant none, the default): every projection's AMX
+    calls read the file's own 4-bit blocks instead of a dense packed copy, and the logits of
+    the whole model are the bits of the dense tiles, prefill-sized and decode-sized calls."""
+    lm = load(q4[name], torch.bfloat16, weight_quant="none")
+    layers = lm.config.num_hidden_layers
+    assert lm.amx_q4_projections == 4 * layers and lm.int4_projections == 0
+    projections = int4_layers(lm)
+    assert len(projections) == 4 * layers
+    assert all(p.amx_q4 is not None and p.amx_packed is None for p in projections)
+    assert all(p.max_rows == 0 and p.q4 is None for p in projections)  # no 4-bit arithmetic
+    prompts = [lm.tokenizer.encode("Once upon a time there was a small language model"), [7]]
+    with torch.inference_mode():
+        tiles4 = [our_logits(lm, ids) for ids in prompts]
+        for p in projections:  # the dense tiles instead: a packed bfloat16 copy
+            p.amx_q4 = None
+            p.use_amx()
+            assert p.amx_packed is not None
+        dense = [our_logits(lm, ids) for ids in prompts]
+    for a, b in zip(tiles4, dense, strict=True):
+        assert torch.equal(a, b)
+    # and the same model as transformers sees it, within bfloat16's rounding
+    reference = hf_model(q4[name].parent, gguf_file=q4[name].name)
+    ids = prompts[0]
+    theirs = reference(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(tiles4[0].float(), theirs, atol=0.1, rtol=0.05)

@@ -122,6 +122,7 @@ def library() -> ctypes.CDLL | None:
     }
     signatures["inferhub_amx_init"] = []
     signatures["inferhub_amx_linear_bf16"] = [ptr] + [i64] * 3 + [ptr, i64, ptr, ptr, i32]
+    signatures["inferhub_amx_q4_linear_bf16"] = signatures["inferhub_amx_linear_bf16"]
     signatures["inferhub_q4_linear_bf16"] = [ptr] + [i64] * 3 + [ptr, i64, ptr, ptr, i32]
     signatures["inferhub_q8_linear_bf16"] = [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr, ptr, i32]
     signatures["inferhub_decode_q4_layers"] = (
@@ -133,6 +134,8 @@ def library() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
     lib.inferhub_amx_pack_bf16.argtypes = [ptr, i64, i64, ptr, i32]
     lib.inferhub_amx_pack_bf16.restype = None
+    lib.inferhub_amx_q4_pack.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.inferhub_amx_q4_pack.restype = None
     lib.inferhub_q4_pack.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     lib.inferhub_q4_pack.restype = None
     lib.inferhub_q8_pack.argtypes = [ptr, i64, i64, ptr]
@@ -345,6 +348,38 @@ def amx_linear_bf16(
     if not amx_available():  # the tile state is granted per process: never run without it
         raise RuntimeError("AMX tiles are not available here")
     return _linear_bf16(_lib().inferhub_amx_linear_bf16, "AMX", x, (packed,), n, bias)
+
+
+def amx_q4_pack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """4-bit weights w = bfloat16(q * scale + offset) (q: (N, K) uint8 0..15; scale, offset:
+    (N, K // 32), one per group of 32, float16 values as GGUF stores them) in the layout
+    amx_q4_linear_bf16 reads. N and K multiples of 32."""
+    n, k = q.shape
+    if not amx_available():
+        raise RuntimeError("AMX tiles are not available here")
+    if q.dtype != torch.uint8 or n % 32 or k % 32 or scale.shape != (n, k // 32):
+        raise ValueError(f"4-bit AMX packing needs (32i, 32j) uint8 values, not {q.dtype} {(n, k)}")
+    scale = scale.to(torch.float32).contiguous()
+    offset = offset.to(torch.float32).contiguous()
+    for name, t in (("scale", scale), ("offset", offset)):
+        if not torch.equal(t.to(torch.float16).to(torch.float32), t):
+            raise ValueError(f"4-bit AMX packing keeps the {name}s in float16, and these are not")
+    q = q.contiguous()
+    packed = torch.empty(n * k * 5 // 8, dtype=torch.uint8)  # 0.5 byte + 2 x fp16 / 32
+    _lib().inferhub_amx_q4_pack(
+        q.data_ptr(), scale.data_ptr(), offset.data_ptr(), n, k, packed.data_ptr()
+    )
+    return packed
+
+
+def amx_q4_linear_bf16(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (M, K) bfloat16 @ the amx_q4_pack'ed (N, K) weight^T (+ bias): (M, N), the same bits
+    as amx_linear_bf16 on the bfloat16 weight bfloat16(q * scale + offset)."""
+    if not amx_available():
+        raise RuntimeError("AMX tiles are not available here")
+    return _linear_bf16(_lib().inferhub_amx_q4_linear_bf16, "4-bit AMX", x, (packed,), n, bias)
 
 
 def _linear_bf16(

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from inferhub.layers import cpu_kernels
-from inferhub.layers.amx_linear import dense_forward
+from inferhub.layers.amx_linear import AMX_MAX_ROWS, amx_supported, dense_forward
 
 GROUP = 32  # weights per scale/offset group (GGUF's QK4_0 / QK4_1)
 # At or below this many rows a call uses the 4-bit kernel; above it the dense weight.
@@ -38,11 +38,17 @@ DEFAULT_MAX_ROWS = 8
 
 @dataclass
 class Int4Weight:
-    """Unpacked 4-bit weights of an (N, K) matrix: w = (q - 8) * scale + zero, per group."""
+    """Unpacked 4-bit weights of an (N, K) matrix: w = (q - 8) * scale + zero, per group.
+
+    `offset`, for weights read from a GGUF file, is the file's own per-group term in the
+    form its dequantization computes, w = q * scale + offset in float32 with one rounding (the
+    minimum m of Q4_1, -8 * d for Q4_0): with it, the AMX kernel rebuilds exactly the bfloat16
+    weights that loading the file densely gives. None for weights quantized here."""
 
     q: torch.Tensor  # (N, K) uint8, values 0..15
     scale: torch.Tensor  # (N, K // GROUP) float32
     zero: torch.Tensor  # (N, K // GROUP) float32
+    offset: torch.Tensor | None = None  # (N, K // GROUP) float32
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -55,15 +61,18 @@ class Int4Weight:
 
     def permute_rows(self, index: np.ndarray) -> Int4Weight:
         idx = torch.from_numpy(np.ascontiguousarray(index))
-        return Int4Weight(self.q[idx], self.scale[idx], self.zero[idx])
+        offset = None if self.offset is None else self.offset[idx]
+        return Int4Weight(self.q[idx], self.scale[idx], self.zero[idx], offset)
 
     @staticmethod
     def cat(parts: Sequence[Int4Weight]) -> Int4Weight:
         """Stack along the output rows (fused q/k/v or gate/up projections)."""
+        offsets = [p.offset for p in parts if p.offset is not None]
         return Int4Weight(
             torch.cat([p.q for p in parts]),
             torch.cat([p.scale for p in parts]),
             torch.cat([p.zero for p in parts]),
+            torch.cat(offsets) if len(offsets) == len(parts) else None,
         )
 
     @staticmethod
@@ -94,10 +103,16 @@ class Int4Weight:
         q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, k)
         if qtype == "Q4_0":
             zero = np.zeros_like(d)
+            offset = -8 * d  # exact: a float16 times 8
         else:
-            m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            zero = m + 8 * d
-        return Int4Weight(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero))
+            offset = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            zero = offset + 8 * d
+        return Int4Weight(
+            torch.from_numpy(q),
+            torch.from_numpy(d),
+            torch.from_numpy(zero),
+            torch.from_numpy(offset),
+        )
 
 
 # The output projection (vocabulary x hidden, the largest matrix of a small model) in 8 bits
@@ -140,9 +155,10 @@ class _LowBitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._small(x.contiguous()) if x.dim() == 2 and x.shape[0] <= self.max_rows else None
-        if y is None:
-            return dense_forward(x, self.weight, self.bias, self.amx_packed)
-        return y
+        return self._dense(x) if y is None else y
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_forward(x, self.weight, self.bias, self.amx_packed)
 
     def _with_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias
@@ -156,12 +172,18 @@ class _LowBitLinear(nn.Module):
 
 class Int4Linear(_LowBitLinear):
     """Small calls on packed 4-bit weights (the C kernel for bfloat16 where it runs, else
-    torch's int4pack kernel), large ones dense."""
+    torch's int4pack kernel), large ones dense.
+
+    With a GGUF file's own 4-bit weights (`Int4Weight.offset` set), bfloat16 and AMX tiles,
+    the dense calls of at most AMX_MAX_ROWS rows also read the 4-bit copy: the AMX kernel
+    rebuilds the exact bfloat16 weights panel by panel (the same bits as the dense product,
+    a quarter of the bytes to read). max_rows = 0 keeps only that use of the 4-bit weights."""
 
     bits = 4
     packed: torch.Tensor | None  # torch's int4pack layout
     scales_zeros: torch.Tensor | None
     q4: torch.Tensor | None  # cpu_kernels.q4_pack's layout
+    amx_q4: torch.Tensor | None  # cpu_kernels.amx_q4_pack's layout
 
     def __init__(self, linear: nn.Linear, weight: Int4Weight, max_rows: int) -> None:
         n, k = weight.shape
@@ -172,8 +194,15 @@ class Int4Linear(_LowBitLinear):
             )
         super().__init__(linear, max_rows)
         dtype, device = linear.weight.dtype, linear.weight.device
-        for name in ("packed", "scales_zeros", "q4"):
+        for name in ("packed", "scales_zeros", "q4", "amx_q4"):
             self.register_buffer(name, None, persistent=False)
+        if weight.offset is not None and amx_supported(linear.weight):
+            try:
+                self.amx_q4 = cpu_kernels.amx_q4_pack(weight.q, weight.scale, weight.offset)
+            except ValueError:  # scales that float16 cannot hold: the dense weight serves
+                self.amx_q4 = None
+        if max_rows <= 0:
+            return
         if (
             dtype == torch.bfloat16
             and device.type == "cpu"
@@ -188,15 +217,34 @@ class Int4Linear(_LowBitLinear):
         self.packed = packed.to(device)
         self.scales_zeros = scales_zeros.to(device, dtype)
 
+    def use_amx(self) -> None:
+        if self.amx_q4 is None:  # with the 4-bit tiles, a packed dense copy would go unused
+            super().use_amx()
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.amx_q4 is not None
+            and x.dim() == 2
+            and x.shape[0] <= AMX_MAX_ROWS
+            and x.dtype == torch.bfloat16
+        ):
+            return cpu_kernels.amx_q4_linear_bf16(x, self.amx_q4, self.out_features, self.bias)
+        return super()._dense(x)
+
     def _small(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.q4 is not None:
             if x.dtype != torch.bfloat16:
                 return None
             return cpu_kernels.q4_linear_bf16(x, self.q4, self.out_features, self.bias)
-        assert self.packed is not None and self.scales_zeros is not None
+        if self.packed is None or self.scales_zeros is None:
+            return None
         # the torch.* binding: about 3 us less per call than torch.ops.aten's packet
         y = torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
         return self._with_bias(y)
+
+    def extra_repr(self) -> str:
+        tiles = ", 4-bit AMX tiles" if self.amx_q4 is not None else ""
+        return super().extra_repr() + tiles
 
 
 class Int8Linear(_LowBitLinear):

@@ -11,10 +11,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from inferhub.layers import cpu_kernels
-from inferhub.layers.quant_linear import DEFAULT_MAX_ROWS, Int4Weight, int4_supported
+from inferhub.layers.quant_linear import (
+    DEFAULT_MAX_ROWS,
+    Int4Linear,
+    Int4Weight,
+    Int8Linear,
+    int4_supported,
+)
 from inferhub.layers.rotary import RotaryEmbedding
 from inferhub.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from inferhub.models.qwen2 import Qwen2ForCausalLM
@@ -33,6 +40,7 @@ class LoadedModel:
     quantized_output: bool = False  # the file stores the output projection quantized
     int8_lm_head: bool = False  # logits of small batches from 8-bit rows
     amx_projections: int = 0  # projections with an AMX-packed copy for calls up to 384 rows
+    amx_q4_projections: int = 0  # of those, the ones whose AMX tiles read the file's 4 bits
 
 
 def load_model(
@@ -71,11 +79,21 @@ def load_model(
                 raise ValueError(f"{source} is not a valid GGUF file (bad magic {magic!r})")
             raise ValueError(f"{source} is neither a Hugging Face model folder nor a .gguf file")
         keep = weight_quant != "none" and int4_supported(device, dtype)
+        # AMX tiles can read a Q4_0/Q4_1 file's own 4 bits in place of the dense bfloat16
+        # copy (the same bits out, a quarter of the bytes in), whatever weight_quant says
+        tiles = device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.amx_available()
         loaded = _load_gguf(
-            source, dtype, device, attention_backend, show_progress, int4 if keep else None
+            source,
+            dtype,
+            device,
+            attention_backend,
+            show_progress,
+            int4 if keep or tiles else None,
         )
     if int4:
-        loaded.int4_projections += loaded.model.use_int4(int4, int4_max_rows)
+        converted = loaded.model.use_int4(int4, int4_max_rows if keep else 0)
+        if keep:
+            loaded.int4_projections += converted
     if weight_quant == "int4":
         loaded.int4_projections += loaded.model.use_int4(None, int4_max_rows)
     int8_head = weight_quant == "int4" or (weight_quant == "auto" and loaded.quantized_output)
@@ -84,18 +102,24 @@ def load_model(
         loaded.int8_lm_head = True
     if device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.amx_available():
         loaded.amx_projections = _use_amx(loaded.model)
+        loaded.amx_q4_projections = sum(
+            1
+            for module in loaded.model.modules()
+            if isinstance(module, Int4Linear) and module.amx_q4 is not None
+        )
     return loaded
 
 
 def _use_amx(model: Qwen2ForCausalLM) -> int:
-    """Pack the projections for the AMX kernel when the copy fits: at most a quarter of the
-    memory still available (a 7B model in bfloat16 would need another 15 GB)."""
+    """Pack the projections for the AMX kernel when the copies fit: at most a quarter of the
+    memory still available (a 7B model in bfloat16 would need another 15 GB). Projections
+    whose tiles read 4-bit weights need no copy."""
     weights = 0
-    for name, param in model.named_parameters():
-        if param.dim() == 2 and not name.startswith("embed_tokens"):
-            weights += param.numel() * param.element_size()
-    if model.config.tie_word_embeddings:
-        weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    for module in model.modules():
+        if isinstance(module, Int4Linear) and module.amx_q4 is not None:
+            continue
+        if isinstance(module, (nn.Linear, Int4Linear, Int8Linear)):
+            weights += module.weight.numel() * module.weight.element_size()
     available = _memory_available()
     if weights > available // 4:
         log.info("AMX kernels off: packing %.1f GB of weights would not fit", weights / 1e9)

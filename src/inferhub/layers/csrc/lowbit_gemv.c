@@ -186,7 +186,7 @@ int inferhub_q8_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_s
                             const uint16_t *bias, uint16_t *out, int num_threads) {
     if (n % 16 || m <= 0) return -2;
     const int64_t blocks = n / 16;
-    float *xf = thread_scratch((size_t)(MR * k) * sizeof(float));
+    float *xf = thread_scratch(0, (size_t)(MR * k) * sizeof(float));
     if (!xf) return -1;
     for (int64_t r0 = 0; r0 < m; r0 += MR) {
         const int mr = (int)(m - r0 < MR ? m - r0 : MR);

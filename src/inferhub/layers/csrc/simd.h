@@ -8,17 +8,19 @@
 
 /* A 64-byte aligned buffer of at least `bytes` for the calling thread, kept between calls (a
  * fresh one per call would come from mmap, page faults included, past glibc's 128 KB
- * threshold). NULL when out of memory. One buffer per thread and per source file. */
-static inline void *thread_scratch(size_t bytes) {
-    static __thread void *buf = NULL;
-    static __thread size_t cap = 0;
-    if (bytes > cap) {
-        free(buf);
-        cap = (bytes + 4095) / 4096 * 4096;
-        buf = aligned_alloc(64, cap);
-        if (!buf) cap = 0;
+ * threshold). NULL when out of memory. Each thread has SCRATCH_SLOTS of them per source file:
+ * a kernel that needs two buffers at once takes slots 0 and 1. */
+#define SCRATCH_SLOTS 2
+static inline void *thread_scratch(int slot, size_t bytes) {
+    static __thread void *buf[SCRATCH_SLOTS];
+    static __thread size_t cap[SCRATCH_SLOTS];
+    if (bytes > cap[slot]) {
+        free(buf[slot]);
+        cap[slot] = (bytes + 4095) / 4096 * 4096;
+        buf[slot] = aligned_alloc(64, cap[slot]);
+        if (!buf[slot]) cap[slot] = 0;
     }
-    return buf;
+    return buf[slot];
 }
 
 static inline float bf16_to_f32(uint16_t x) {
