@@ -162,18 +162,23 @@ def test_int8_logits_only_for_quantized_outputs_in_bf16(
 
 
 @pytest.mark.skipif(not cpu_kernels.lowbit_available(), reason="no AVX512-BF16 here")
+@pytest.mark.parametrize("quant", ["auto", "none"])
 @pytest.mark.parametrize("name", [f"{a}-{q}" for a in ARCHS for q in QUANTS])
 def test_decode_layers_in_one_call_equal_the_layer_by_layer_path(
-    q4: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
+    q4: dict[str, Path], name: str, quant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """bf16 on 4-bit weights with the C kernels: decode steps of up to int4_max_rows
-    sequences run every layer in one C call; the tokens and their log-probabilities are
-    exactly those of the Python path, for single and batched decodes."""
-    calls: list[int] = []
+    """bf16 on 4-bit weights with the C kernels: decode steps run every layer in one C call,
+    on the 4-bit kernel up to int4_max_rows sequences (weight_quant auto) and on the AMX
+    tiles above (or always, with weight_quant none); the tokens and their log-probabilities
+    are exactly those of the Python path, for single and batched decodes."""
+    tiles = cpu_kernels.amx_available()
+    if quant == "none" and not tiles:
+        pytest.skip("no AMX tiles here: weight_quant none keeps the layer-by-layer path")
+    calls: list[tuple[int, bool]] = []
     real = cpu_kernels.decode_q4_layers
 
     def counting(x: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
-        calls.append(x.shape[0])
+        calls.append((x.shape[0], bool(args[-1] if len(args) > 13 else kw.get("amx", False))))
         return real(x, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(cpu_kernels, "decode_q4_layers", counting)
@@ -184,7 +189,7 @@ def test_decode_layers_in_one_call_equal_the_layer_by_layer_path(
                 model=str(q4[name]),
                 dtype="bfloat16",
                 attention_backend="cpu",
-                weight_quant="auto",
+                weight_quant=quant,
                 int4_max_rows=4,
                 kv_cache_memory=1 << 24,
                 show_progress=False,
@@ -194,7 +199,7 @@ def test_decode_layers_in_one_call_equal_the_layer_by_layer_path(
         assert model._q4_plan is not None
         if not one_call:
             model._q4_plan = None
-        prompts = [[5, 9, 2, 7, 1, 3, 8][:n] for n in (7, 3, 5)] + [[4, 4, 6]]
+        prompts = [[5, 9, 2, 7, 1, 3, 8][:n] for n in (7, 3, 5, 2, 6)] + [[4, 4, 6]]
         params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
         out = llm.generate([prompts[0]], params) + llm.generate(prompts, params)
         return [
@@ -203,7 +208,9 @@ def test_decode_layers_in_one_call_equal_the_layer_by_layer_path(
         ]
 
     fast = run(one_call=True)
-    assert calls and set(calls) == {1, 4}  # one sequence, then four
+    # one sequence, then six: the 4-bit kernel for one (auto), the tiles for six
+    expected = {(1, quant == "none"), (6, True)} if tiles else {(1, False)}
+    assert set(calls) == expected
     calls.clear()
     slow = run(one_call=False)
     assert not calls

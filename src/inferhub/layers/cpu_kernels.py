@@ -127,7 +127,7 @@ def library() -> ctypes.CDLL | None:
     signatures["inferhub_q8_linear_bf16"] = [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr, ptr, i32]
     signatures["inferhub_decode_q4_layers"] = (
         [ptr, ptr, i64, ptr, ptr, ptr] + [i64] * 6 + [f32, f32] + [ptr] * 4 + [i64] * 2
-    ) + [ptr, ptr, i32]
+    ) + [ptr, ptr, i32, i32]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
@@ -481,11 +481,13 @@ def decode_q4_layers(
     block_size: int,
     cos_cache: torch.Tensor,
     sin_cache: torch.Tensor,
+    amx: bool = False,
 ) -> torch.Tensor:
     """All decoder layers of a decode step and the final norm, in one call (decode_layers.c).
 
     x: (M, hidden) bfloat16 embeddings; weights: int64 (layers * DECODE_LAYER_PTRS,) addresses
-    (qkv, qkv bias or 0, o, gate_up, down as q4_pack'ed, then the two norm weights); caches:
+    (qkv, qkv bias or 0, o, gate_up, down as q4_pack'ed, or amx_q4_pack'ed with amx, then the
+    two norm weights); caches:
     int64 (layers * 2,) addresses of each layer's key and value cache; shape: (layers, hidden,
     heads, kv heads, head dim, intermediate). positions, slots int64; block tables and
     context lengths int32, as for paged_decode_attention. Returns the final hidden states."""
@@ -515,6 +517,7 @@ def decode_q4_layers(
         block_size,
         cos_cache.data_ptr(),
         sin_cache.data_ptr(),
+        int(amx),
         torch.get_num_threads(),
     )
     if rc == -1:

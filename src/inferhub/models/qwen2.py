@@ -16,7 +16,7 @@ from torch import nn
 
 from inferhub.layers import cpu_kernels
 from inferhub.layers.activation import silu_and_mul
-from inferhub.layers.amx_linear import AmxLinear, amx_supported
+from inferhub.layers.amx_linear import AMX_MAX_ROWS, AmxLinear, amx_supported
 from inferhub.layers.attention import KERNEL_BACKENDS, AttentionMetadata, paged_attention
 from inferhub.layers.norm import RMSNorm
 from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight, Int8Linear
@@ -110,22 +110,35 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class _Q4DecodePlan:
-    """What decode_q4_layers needs that does not change between steps."""
+    """What decode_q4_layers needs that does not change between steps: a weight table per
+    4-bit kernel the projections have, and the rows each one serves in the layers' own
+    forward (so the one call picks the kernel the layer-by-layer path would)."""
 
-    weights: torch.Tensor  # int64 addresses, DECODE_LAYER_PTRS per layer
-    max_rows: int  # the 4-bit layers' own limit
+    small: torch.Tensor | None  # int64 addresses of the q4_pack'ed weights, PTRS per layer
+    small_rows: int  # ... used by calls of at most this many rows
+    tiles: torch.Tensor | None  # the same for the AMX tiles' amx_q4_pack'ed weights
+    tiles_above: int  # ... used by calls of more rows than this, up to AMX_MAX_ROWS
     attn: Attention  # the first layer's: its backend (may change) and scale
     keep: list[torch.Tensor]  # the tensors those addresses point into
     caches_key: tuple[int, int] = (0, 0)
     caches: torch.Tensor | None = None
 
+    def table(self, rows: int) -> tuple[torch.Tensor, bool] | None:
+        """The weight table for a step of `rows` sequences and whether it is the tiles'."""
+        if self.small is not None and rows <= self.small_rows:
+            return self.small, False
+        if self.tiles is not None and self.tiles_above < rows <= AMX_MAX_ROWS:
+            return self.tiles, True
+        return None
+
 
 class Qwen2ForCausalLM(nn.Module):
     """Also runs Llama checkpoints (config.attention_bias = False).
 
-    Decode steps of small batches of a bfloat16 model on 4-bit weights, with the C kernels
-    ("cpu" backend), run every layer in one C call (`decode_q4_layers`): the same kernels in
-    the same order, without ~300 trips through Python per step."""
+    Decode steps of a bfloat16 model on 4-bit weights (small batches on the 4-bit kernel, or
+    up to AMX_MAX_ROWS on AMX tiles that read a GGUF file's 4 bits), with the C kernels ("cpu"
+    backend), run every layer in one C call (`decode_q4_layers`): the same kernels in the
+    same order, without ~300 trips through Python per step."""
 
     def __init__(self, cfg: ModelConfig, attention_backend: str = "sdpa") -> None:
         super().__init__()
@@ -156,12 +169,14 @@ class Qwen2ForCausalLM(nn.Module):
         if (
             plan is not None
             and meta.prefill is None
-            and 0 < x.shape[0] == meta.num_decode_tokens <= plan.max_rows
+            and 0 < x.shape[0] == meta.num_decode_tokens
             and meta.block_tables is not None
             and meta.context_lens is not None
             and plan.attn.backend == "cpu"
         ):
-            return self._decode_q4(plan, x, positions, kv_caches, meta)
+            table = plan.table(x.shape[0])
+            if table is not None:
+                return self._decode_q4(plan, table, x, positions, kv_caches, meta)
         fused = self.norm.fused
         cos_sin = (x, x) if fused else self.rotary.cos_sin(positions, x.dtype)
         residual: torch.Tensor | None = None
@@ -175,6 +190,7 @@ class Qwen2ForCausalLM(nn.Module):
     def _decode_q4(
         self,
         plan: _Q4DecodePlan,
+        table: tuple[torch.Tensor, bool],
         x: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[KVCache],
@@ -188,9 +204,10 @@ class Qwen2ForCausalLM(nn.Module):
             )
             plan.caches_key = key
         cfg = self.config
+        weights, amx = table
         return cpu_kernels.decode_q4_layers(
             x,
-            plan.weights,
+            weights,
             plan.caches,
             self.norm.weight,
             (
@@ -210,37 +227,49 @@ class Qwen2ForCausalLM(nn.Module):
             meta.block_size,
             self.rotary.cos_cache,
             self.rotary.sin_cache,
+            amx,
         )
 
     def _plan_q4_decode(self) -> _Q4DecodePlan | None:
-        """The weight table of decode_q4_layers, when every projection of every layer runs
-        on the C 4-bit kernel (bfloat16, shapes it takes) and the norms are bfloat16."""
-        addresses: list[int] = []
-        keep: list[torch.Tensor] = []
-        max_rows = 1 << 30
+        """The weight tables of decode_q4_layers: one for the C 4-bit kernel when every
+        projection of every layer runs small calls on it, one for the AMX tiles when every
+        projection's larger calls read 4-bit tiles; None when neither (or the norms are not
+        bfloat16, or a bias sits where the kernel takes none)."""
         layers = [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+        if not layers or self.norm.weight.dtype != torch.bfloat16:
+            return None
+        projections: list[list[Int4Linear]] = []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
-            q4: list[torch.Tensor] = []
-            for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                if not isinstance(proj, Int4Linear) or proj.q4 is None:
-                    return None
-                if proj.bias is not None and proj is not attn.qkv_proj:
-                    return None
-                q4.append(proj.q4)
-                max_rows = min(max_rows, proj.max_rows)
+            projs = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
             norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
                 return None
-            bias = attn.qkv_proj.bias
-            tensors = [q4[0], bias, q4[1], q4[2], q4[3], *norms]
-            keep += [t for t in tensors if t is not None]
-            addresses += [0 if t is None else t.data_ptr() for t in tensors]
-        if self.norm.weight.dtype != torch.bfloat16 or not addresses:
+            if not all(isinstance(p, Int4Linear) for p in projs):
+                return None
+            if any(p.bias is not None for p in projs[1:]):
+                return None
+            projections.append(projs)  # type: ignore[arg-type]
+        keep: list[torch.Tensor] = []
+
+        def table(attr: str) -> torch.Tensor | None:
+            addresses: list[int] = []
+            for layer, projs in zip(layers, projections, strict=True):
+                packed = [getattr(p, attr) for p in projs]
+                if any(t is None for t in packed):
+                    return None
+                norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+                tensors = [packed[0], projs[0].bias, *packed[1:], *norms]
+                keep.extend(t for t in tensors if t is not None)
+                addresses += [0 if t is None else t.data_ptr() for t in tensors]
+            assert len(addresses) == cpu_kernels.DECODE_LAYER_PTRS * len(self.layers)
+            return torch.tensor(addresses, dtype=torch.int64)
+
+        small, tiles = table("q4"), table("amx_q4")
+        if small is None and tiles is None:
             return None
-        assert len(addresses) == cpu_kernels.DECODE_LAYER_PTRS * len(self.layers)
-        weights = torch.tensor(addresses, dtype=torch.int64)
-        return _Q4DecodePlan(weights, max_rows, layers[0].self_attn, keep)
+        rows = [p.max_rows for projs in projections for p in projs]
+        return _Q4DecodePlan(small, min(rows), tiles, max(rows), layers[0].self_attn, keep)
 
     def set_attention_backend(self, backend: str) -> None:
         """Pick the attention backend; "triton" and "cpu" also turn on their fused RMSNorm and

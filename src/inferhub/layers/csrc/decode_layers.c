@@ -1,5 +1,7 @@
-/* Every decoder layer of a decode step in one call, for small batches of a bfloat16 model whose
- * projections run on 4-bit weights (lowbit_gemv.c): the single stream's path.
+/* Every decoder layer of a decode step in one call, for a bfloat16 model whose projections run
+ * on 4-bit weights: the 4-bit kernel of lowbit_gemv.c (small batches with weight_quant auto,
+ * the single stream's path) or the AMX tiles that rebuild a GGUF file's bfloat16 weights from
+ * its 4 bits (amx_gemm.c: decode batches up to 384 sequences, whatever weight_quant says).
  *
  * A decode token of SmolLM2 makes about 300 calls into C per step through Python (norms,
  * projections, rotary, cache writes, attention, activation), each paying the interpreter,
@@ -31,9 +33,15 @@ int inferhub_paged_decode_attention(const void *q, const void *k_cache, const vo
 int inferhub_q4_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_stride,
                             const uint8_t *packed, int64_t n, const uint16_t *bias,
                             uint16_t *out, int num_threads);
+int inferhub_amx_q4_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_stride,
+                                const uint8_t *packed, int64_t n, const uint16_t *bias,
+                                uint16_t *out, int num_threads);
+typedef int (*linear_fn)(const uint16_t *x, int64_t m, int64_t k, int64_t x_stride,
+                         const uint8_t *packed, int64_t n, const uint16_t *bias, uint16_t *out,
+                         int num_threads);
 
 /* Per layer, LAYER_PTRS addresses in `weights`: qkv, qkv bias (0: none), o, gate_up, down
- * (4-bit packed), input and post-attention norm weights (bfloat16); in `caches`: the
+ * (4-bit, packed for the kernel `amx` names: 0 lowbit_gemv.c's, 1 the AMX tiles'), input and post-attention norm weights (bfloat16); in `caches`: the
  * layer's key and value cache. */
 #define LAYER_PTRS 7
 enum { W_QKV, W_QKV_BIAS, W_O, W_GATE_UP, W_DOWN, W_LN1, W_LN2 };
@@ -48,7 +56,8 @@ int inferhub_decode_q4_layers(const uint16_t *x, uint16_t *out, int64_t m,
                               const int64_t *slots, const int32_t *block_tables,
                               const int32_t *context_lens, int64_t max_blocks,
                               int64_t block_size, const float *cos_cache,
-                              const float *sin_cache, int num_threads) {
+                              const float *sin_cache, int amx, int num_threads) {
+    const linear_fn linear = amx ? inferhub_amx_q4_linear_bf16 : inferhub_q4_linear_bf16;
     const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
     const int64_t qkv_n = q_size + 2 * kv_size;
     const int64_t width = hidden * 3 + qkv_n + q_size + 3 * inter;
@@ -68,7 +77,7 @@ int inferhub_decode_q4_layers(const uint16_t *x, uint16_t *out, int64_t m,
         } else {
             inferhub_add_rms_norm(h, res, ln1, hn, res, m, hidden, hidden, eps, 1, num_threads);
         }
-        rc = inferhub_q4_linear_bf16(hn, m, hidden, hidden, (const uint8_t *)w[W_QKV], qkv_n,
+        rc = linear(hn, m, hidden, hidden, (const uint8_t *)w[W_QKV], qkv_n,
                                      (const uint16_t *)w[W_QKV_BIAS], qkv, num_threads);
         if (rc) break;
         inferhub_rotary_inplace(qkv, positions, cos_cache, sin_cache, m,
@@ -80,15 +89,15 @@ int inferhub_decode_q4_layers(const uint16_t *x, uint16_t *out, int64_t m,
                                              attn, qkv_n, m, num_heads, num_kv_heads, head_dim,
                                              max_blocks, block_size, scale, 1, num_threads);
         if (rc) break;
-        rc = inferhub_q4_linear_bf16(attn, m, q_size, q_size, (const uint8_t *)w[W_O], hidden,
+        rc = linear(attn, m, q_size, q_size, (const uint8_t *)w[W_O], hidden,
                                      NULL, h, num_threads);
         if (rc) break;
         inferhub_add_rms_norm(h, res, ln2, hn, res, m, hidden, hidden, eps, 1, num_threads);
-        rc = inferhub_q4_linear_bf16(hn, m, hidden, hidden, (const uint8_t *)w[W_GATE_UP],
+        rc = linear(hn, m, hidden, hidden, (const uint8_t *)w[W_GATE_UP],
                                      2 * inter, NULL, gu, num_threads);
         if (rc) break;
         inferhub_silu_and_mul(gu, act, m, inter, 1, num_threads);
-        rc = inferhub_q4_linear_bf16(act, m, inter, inter, (const uint8_t *)w[W_DOWN], hidden,
+        rc = linear(act, m, inter, inter, (const uint8_t *)w[W_DOWN], hidden,
                                      NULL, h, num_threads);
     }
     if (rc == 0)
