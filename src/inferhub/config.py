@@ -27,9 +27,10 @@ class EngineConfig:
     seed: int = 0
     # CPU 4-bit weights for calls of at most int4_max_rows rows (decode of small batches):
     # auto = a GGUF file's Q4_0/Q4_1 weights kept as they are; int4 = also quantize the rest
-    # (lossy); none = dense weights only (the default: in bf16 the low-bit kernels round
+    # (lossy); none = dense arithmetic only (the default: in bf16 the low-bit kernels round
     # differently from the dense ones, so a request's greedy text could depend on how many
-    # others share its batch).
+    # others share its batch). AMX tiles read a Q4 file's blocks in every mode: they rebuild
+    # the dense bfloat16 weights exactly, so that changes no result.
     weight_quant: str = "none"
     int4_max_rows: int = 8
     cuda_graphs: bool = True  # record decode steps as CUDA graphs (CUDA + triton backend)
