@@ -1,0 +1,152 @@
+"""Interleaved step A/B: two engine configurations in one process, step by step.
+
+Whole-run pairs (bench_engine) move by up to 40% on this project's VMs, whose speed drifts
+between minutes. Here both engines get the same requests and their steps alternate (A, B,
+then B, A, ...), so each ratio compares two steps a few milliseconds apart; the median of the
+per-step ratios B/A (decode steps and prefill steps apart) is the figure. Prints a table and
+writes benchmarks/results/bench_steps_ab.json.
+
+    python benchmarks/bench_steps_ab.py --b weight_quant=auto
+    python benchmarks/bench_steps_ab.py --a attention_backend=sdpa --b attention_backend=cpu
+
+--a / --b set EngineConfig fields (repeatable, key=value); both start from the same base:
+the embedded default model in bfloat16, --requests sequences of --input-len random prompt
+tokens, --output-len tokens each, greedy, ignore EOS. The outputs of both are compared too
+(same tokens or not), which says whether B changes results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_engine import random_prompts
+from common import print_table, write_json
+from inferhub.config import EngineConfig
+from inferhub.engine.llm import LLM
+from inferhub.engine.sampling_params import SamplingParams
+from inferhub.models.default import default_model_path
+
+
+def overrides(pairs: list[str]) -> dict[str, Any]:
+    """key=value strings as EngineConfig fields, each value parsed as its field's type."""
+    fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--a/--b take EngineConfig fields as key=value, not {pair!r}")
+        default = fields[key].default
+        value: Any = raw
+        if isinstance(default, bool):
+            value = raw.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, int):
+            value = int(raw)
+        elif isinstance(default, float):
+            value = float(raw)
+        elif raw.lower() == "none":
+            value = None
+        out[key] = value
+    return out
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        v = values[0] if values else float("nan")
+        return v, v, v
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return q1, q2, q3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--a", action="append", default=[], help="EngineConfig field=value for A")
+    ap.add_argument("--b", action="append", default=[], help="EngineConfig field=value for B")
+    ap.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded)")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of fresh prompts")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    model = args.model or str(default_model_path())
+    base: dict[str, Any] = {
+        "model": model,
+        "dtype": "bfloat16",
+        "max_num_seqs": args.requests,
+        "kv_cache_memory": 2 << 30,
+        "show_progress": False,
+    }
+    engines: dict[str, LLM] = {}
+    for name, pairs in (("A", args.a), ("B", args.b)):
+        llm = LLM(EngineConfig(**{**base, **overrides(pairs)}))
+        warm = random_prompts(2, args.input_len, llm.engine.vocab_size, set(), args.seed + 99)
+        llm.generate(warm, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        engines[name] = llm
+    vocab = engines["A"].engine.vocab_size
+    special = set(engines["A"].tokenizer.hf.all_special_ids)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    ratios: dict[str, list[float]] = {"decode": [], "prefill": []}
+    totals = {"A": 0.0, "B": 0.0}
+    same = True
+    for rep in range(args.repeats):
+        # fresh prompts per round: no prefix-cache hits from the round before
+        prompts = random_prompts(args.requests, args.input_len, vocab, special, args.seed + rep)
+        outputs: dict[str, dict[str, list[int]]] = {"A": {}, "B": {}}
+        for llm in engines.values():
+            for i, p in enumerate(prompts):
+                llm.engine.add_request(f"{rep}-{i}", p, params)
+        step = 0
+        while any(llm.engine.has_unfinished_requests() for llm in engines.values()):
+            order = ["A", "B"] if step % 2 == 0 else ["B", "A"]
+            took: dict[str, float] = {}
+            kinds: set[str] = set()
+            for name in order:
+                engine = engines[name].engine
+                if not engine.has_unfinished_requests():
+                    continue
+                decode_only = (
+                    all(
+                        s.num_computed_tokens >= len(s.prompt_token_ids)
+                        for s in engine.scheduler.running
+                    )
+                    and not engine.scheduler.waiting
+                )
+                kinds.add("decode" if decode_only else "prefill")
+                t0 = time.perf_counter()
+                for out in engine.step():
+                    for choice in out.outputs:
+                        got = outputs[name].setdefault(out.request_id, [])
+                        got.extend(choice.token_ids_delta)
+                took[name] = time.perf_counter() - t0
+            if len(took) == 2 and len(kinds) == 1:
+                ratios[kinds.pop()].append(took["B"] / took["A"])
+                totals["A"] += took["A"]
+                totals["B"] += took["B"]
+            step += 1
+        same = same and outputs["A"] == outputs["B"]
+    rows: list[dict[str, Any]] = []
+    for kind, values in ratios.items():
+        q1, median, q3 = quartiles(values)
+        rows.append({"steps": kind, "paired": len(values), "B/A median": median,
+                     "B/A q1": q1, "B/A q3": q3})  # fmt: skip
+    rows.append(
+        {"steps": "all (summed)", "paired": sum(len(v) for v in ratios.values()),
+         "B/A median": totals["B"] / totals["A"] if totals["A"] else float("nan")}
+    )  # fmt: skip
+    print(f"A: {args.a or 'defaults'}  B: {args.b or 'defaults'}  same tokens: {same}")
+    print_table(rows, ["steps", "paired", "B/A median", "B/A q1", "B/A q3"])
+    path = write_json(
+        "bench_steps_ab", {"args": vars(args), "model": model, "same_tokens": same, "rows": rows}
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
