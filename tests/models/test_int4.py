@@ -247,3 +247,25 @@ def test_bf16_tiles_read_the_files_4_bits_and_give_the_dense_bits(
     ids = prompts[0]
     theirs = reference(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(tiles4[0].float(), theirs, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX tiles here")
+def test_4bit_tiles_are_skipped_when_the_unpacked_blocks_would_not_fit(
+    q4: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading holds a file's 4-bit blocks unpacked (a byte a weight) until they are packed:
+    with too little memory for that (and so for a packed dense copy, which is larger), the
+    projections stay on torch's dense product: the same model within bf16 rounding."""
+    from inferhub.models import loader
+
+    path = q4["qwen2-Q4_1"]
+    with_tiles = load(path, torch.bfloat16, weight_quant="none")
+    monkeypatch.setattr(loader, "_memory_available", lambda: 4 * path.stat().st_size)
+    without = load(path, torch.bfloat16, weight_quant="none")
+    assert with_tiles.amx_q4_projections > 0
+    assert without.amx_q4_projections == 0 and not int4_layers(without)
+    assert without.amx_projections == 0
+    ids = without.tokenizer.encode("Once upon a time")
+    with torch.inference_mode():
+        a, b = our_logits(with_tiles, ids).float(), our_logits(without, ids).float()
+    torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)

@@ -80,8 +80,15 @@ def load_model(
             raise ValueError(f"{source} is neither a Hugging Face model folder nor a .gguf file")
         keep = weight_quant != "none" and int4_supported(device, dtype)
         # AMX tiles can read a Q4_0/Q4_1 file's own 4 bits in place of the dense bfloat16
-        # copy (the same bits out, a quarter of the bytes in), whatever weight_quant says
-        tiles = device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.amx_available()
+        # copy (the same bits out, a quarter of the bytes in), whatever weight_quant says;
+        # the load holds the blocks unpacked (a byte a weight, about twice the file) until
+        # they are packed, so only when that fits a quarter of the memory available
+        tiles = (
+            device.type == "cpu"
+            and dtype == torch.bfloat16
+            and cpu_kernels.amx_available()
+            and 2 * os.path.getsize(source) <= _memory_available() // 4
+        )
         loaded = _load_gguf(
             source,
             dtype,
