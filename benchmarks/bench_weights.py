@@ -23,7 +23,7 @@ from common import print_table, write_json
 from inferhub.config import EngineConfig
 from inferhub.engine.llm import LLM
 from inferhub.engine.sampling_params import SamplingParams
-from inferhub.layers.quant_linear import DEFAULT_MAX_ROWS
+from inferhub.layers.quant_linear import DEFAULT_MAX_ROWS, TILES_MAX_ROWS
 from inferhub.models.default import default_model_path
 
 MODES: dict[str, dict[str, Any]] = {
@@ -83,7 +83,7 @@ def main() -> None:
                 "dense tok/s": dense,
                 "low-bit tok/s": results["low-bit always"][b],
                 "low-bit / dense": results["low-bit always"][b] / dense,
-                f"default (switch at {DEFAULT_MAX_ROWS}) tok/s": results["default"][b],
+                "default switch tok/s": results["default"][b],
                 "default / dense": results["default"][b] / dense,
             }
         )
@@ -91,7 +91,11 @@ def main() -> None:
     print_table(rows, list(rows[0]))
     path = write_json(
         "bench_weights",
-        {"model": Path(model).name, "default_max_rows": DEFAULT_MAX_ROWS, "rows": rows},
+        {
+            "model": Path(model).name,
+            "default_max_rows": {"dense": DEFAULT_MAX_ROWS, "4-bit tiles": TILES_MAX_ROWS},
+            "rows": rows,
+        },
     )
     print(f"wrote {path}")
 

@@ -269,3 +269,20 @@ def test_4bit_tiles_are_skipped_when_the_unpacked_blocks_would_not_fit(
     with torch.inference_mode():
         a, b = our_logits(with_tiles, ids).float(), our_logits(without, ids).float()
     torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
+
+
+def test_the_4bit_kernels_row_limit_defaults_by_what_serves_larger_calls(
+    q4: dict[str, Path],
+) -> None:
+    """weight_quant auto: the 4-bit kernel takes calls of up to 4 rows when AMX tiles on the
+    file's 4 bits take the larger ones (where the tiles are faster from 5 rows), up to 8 when
+    the dense weights do; an explicit int4_max_rows wins."""
+    from inferhub.layers.quant_linear import DEFAULT_MAX_ROWS, TILES_MAX_ROWS
+
+    path = q4["llama-Q4_0"]
+    lm = load(path, torch.bfloat16, int4_max_rows=None)
+    expected = TILES_MAX_ROWS if cpu_kernels.amx_available() else DEFAULT_MAX_ROWS
+    assert {p.max_rows for p in int4_layers(lm)} == {expected}
+    assert {p.max_rows for p in int4_layers(load(path, int4_max_rows=None))} == {DEFAULT_MAX_ROWS}
+    explicit = load(path, torch.bfloat16, int4_max_rows=6)
+    assert {p.max_rows for p in int4_layers(explicit)} == {6}

@@ -34,6 +34,10 @@ GROUP = 32  # weights per scale/offset group (GGUF's QK4_0 / QK4_1)
 # Measured on a 2-core AVX-512 CPU, SmolLM2-135M, bf16: decode 1.35-1.58x faster at 1-4
 # sequences, 1.09x at 8, even at 12, 0.92x at 16 (docs/benchmarks.md).
 DEFAULT_MAX_ROWS = 8
+# The same switch when AMX tiles read the file's 4 bits for the larger calls (interleaved step
+# A/B, same machine: the 4-bit kernel 1.69x faster at 1 sequence, 1.11x at 4, the tiles 1.06x
+# at 5, 1.14x at 6 and 1.6x at 8).
+TILES_MAX_ROWS = 4
 
 
 @dataclass

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from inferhub.layers import cpu_kernels
 from inferhub.layers.quant_linear import (
     DEFAULT_MAX_ROWS,
+    TILES_MAX_ROWS,
     Int4Linear,
     Int4Weight,
     Int8Linear,
@@ -51,7 +52,7 @@ def load_model(
     attention_backend: str = "sdpa",
     show_progress: bool = True,
     weight_quant: str = "none",
-    int4_max_rows: int = DEFAULT_MAX_ROWS,
+    int4_max_rows: int | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face model folder or a single `.gguf` file, ready for inference.
 
@@ -69,6 +70,7 @@ def load_model(
         raise FileNotFoundError(f"model path {path!r} does not exist")
     source = os.path.abspath(path)
     int4: dict[str, Int4Weight] = {}
+    tiles = False  # AMX tiles on the file's 4-bit blocks (GGUF only)
     if os.path.isdir(source):
         loaded = _load_hf_folder(source, dtype, device, attention_backend, show_progress)
     else:
@@ -98,11 +100,17 @@ def load_model(
             int4 if keep or tiles else None,
         )
     if int4:
-        converted = loaded.model.use_int4(int4, int4_max_rows if keep else 0)
+        # by default the 4-bit kernel up to TILES_MAX_ROWS when the file's 4-bit tiles serve
+        # the larger calls (AMX), else up to DEFAULT_MAX_ROWS (the dense weights above)
+        rows = int4_max_rows
+        if rows is None:
+            rows = TILES_MAX_ROWS if tiles else DEFAULT_MAX_ROWS
+        converted = loaded.model.use_int4(int4, rows if keep else 0)
         if keep:
             loaded.int4_projections += converted
     if weight_quant == "int4":
-        loaded.int4_projections += loaded.model.use_int4(None, int4_max_rows)
+        rows = DEFAULT_MAX_ROWS if int4_max_rows is None else int4_max_rows
+        loaded.int4_projections += loaded.model.use_int4(None, rows)
     int8_head = weight_quant == "int4" or (weight_quant == "auto" and loaded.quantized_output)
     if int8_head and device.type == "cpu" and dtype == torch.bfloat16:
         loaded.model.use_int8_lm_head()
