@@ -52,6 +52,13 @@ def overrides(pairs: list[str]) -> dict[str, Any]:
             value = float(raw)
         elif raw.lower() == "none":
             value = None
+        elif default is None:  # an optional number (int4_max_rows, num_threads, ...)
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    continue
         out[key] = value
     return out
 

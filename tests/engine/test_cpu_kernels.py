@@ -422,6 +422,9 @@ def test_an_int4_layer_with_the_files_offsets_runs_dense_calls_on_4bit_tiles() -
     x = torch.randn(20, 64).to(torch.bfloat16)
     expected = cpu_kernels.amx_linear_bf16(x, cpu_kernels.amx_pack_bf16(dense), 128, linear.bias)
     assert torch.equal(exact(x), expected)
+    with pytest.raises(RuntimeError):  # a wider input is refused, not read past the blocks
+        exact(torch.randn(3, 96).to(torch.bfloat16))
+    assert exact(torch.randn(0, 64).to(torch.bfloat16)).shape == (0, 128)  # no rows
     # weights quantized here (no file offsets) keep the dense path for their large calls
     lossy = Int4Linear(linear, Int4Weight(q, d, offset + 8 * d), max_rows=4)
     assert lossy.amx_q4 is None

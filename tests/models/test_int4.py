@@ -256,6 +256,7 @@ def test_4bit_tiles_are_skipped_when_the_unpacked_blocks_would_not_fit(
     """Loading holds a file's 4-bit blocks unpacked (a byte a weight) until they are packed:
     with too little memory for that (and so for a packed dense copy, which is larger), the
     projections stay on torch's dense product: the same model within bf16 rounding."""
+    from inferhub.layers.quant_linear import DEFAULT_MAX_ROWS
     from inferhub.models import loader
 
     path = q4["qwen2-Q4_1"]
@@ -265,6 +266,11 @@ def test_4bit_tiles_are_skipped_when_the_unpacked_blocks_would_not_fit(
     assert with_tiles.amx_q4_projections > 0
     assert without.amx_q4_projections == 0 and not int4_layers(without)
     assert without.amx_projections == 0
+    # weight_quant auto keeps its 4-bit kernel for small calls, the dense weight above (so
+    # the 4-bit kernel's default limit is the dense one's)
+    auto = load(path, torch.bfloat16, weight_quant="auto", int4_max_rows=None)
+    assert auto.amx_q4_projections == 0
+    assert {(p.amx_q4, p.max_rows) for p in int4_layers(auto)} == {(None, DEFAULT_MAX_ROWS)}
     ids = without.tokenizer.encode("Once upon a time")
     with torch.inference_mode():
         a, b = our_logits(with_tiles, ids).float(), our_logits(without, ids).float()

@@ -396,6 +396,8 @@ def _linear_bf16(
         x = x.contiguous()
     m, k = x.shape
     out = torch.empty(m, n, dtype=torch.bfloat16)
+    if m == 0:  # nothing to compute (and no scratch buffer to ask the kernels for)
+        return out
     rc = fn(
         x.data_ptr(),
         m,

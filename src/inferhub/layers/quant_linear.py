@@ -189,7 +189,9 @@ class Int4Linear(_LowBitLinear):
     q4: torch.Tensor | None  # cpu_kernels.q4_pack's layout
     amx_q4: torch.Tensor | None  # cpu_kernels.amx_q4_pack's layout
 
-    def __init__(self, linear: nn.Linear, weight: Int4Weight, max_rows: int) -> None:
+    def __init__(
+        self, linear: nn.Linear, weight: Int4Weight, max_rows: int, tiles: bool = True
+    ) -> None:
         n, k = weight.shape
         if (linear.out_features, linear.in_features) != (n, k):
             raise ValueError(
@@ -200,7 +202,7 @@ class Int4Linear(_LowBitLinear):
         dtype, device = linear.weight.dtype, linear.weight.device
         for name in ("packed", "scales_zeros", "q4", "amx_q4"):
             self.register_buffer(name, None, persistent=False)
-        if weight.offset is not None and amx_supported(linear.weight):
+        if tiles and weight.offset is not None and amx_supported(linear.weight):
             try:
                 self.amx_q4 = cpu_kernels.amx_q4_pack(weight.q, weight.scale, weight.offset)
             except ValueError:  # scales that float16 cannot hold: the dense weight serves
@@ -231,6 +233,7 @@ class Int4Linear(_LowBitLinear):
             and x.dim() == 2
             and x.shape[0] <= AMX_MAX_ROWS
             and x.dtype == torch.bfloat16
+            and x.shape[1] == self.in_features
         ):
             return cpu_kernels.amx_q4_linear_bf16(x, self.amx_q4, self.out_features, self.bias)
         return super()._dense(x)

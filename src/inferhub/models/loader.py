@@ -83,13 +83,13 @@ def load_model(
         keep = weight_quant != "none" and int4_supported(device, dtype)
         # AMX tiles can read a Q4_0/Q4_1 file's own 4 bits in place of the dense bfloat16
         # copy (the same bits out, a quarter of the bytes in), whatever weight_quant says;
-        # the load holds the blocks unpacked (a byte a weight, about twice the file) until
-        # they are packed, so only when that fits a quarter of the memory available
+        # the load holds the blocks unpacked (1.375 bytes a weight, up to 2.5 times the file)
+        # until they are packed, so only when that fits a quarter of the memory available
         tiles = (
             device.type == "cpu"
             and dtype == torch.bfloat16
             and cpu_kernels.amx_available()
-            and 2 * os.path.getsize(source) <= _memory_available() // 4
+            and 5 * os.path.getsize(source) // 2 <= _memory_available() // 4
         )
         loaded = _load_gguf(
             source,
@@ -99,17 +99,17 @@ def load_model(
             show_progress,
             int4 if keep or tiles else None,
         )
+    # by default the 4-bit kernel takes calls of up to TILES_MAX_ROWS rows when the file's
+    # 4-bit tiles serve the larger ones (AMX), else up to DEFAULT_MAX_ROWS (dense above)
+    rows = int4_max_rows
+    if rows is None:
+        rows = TILES_MAX_ROWS if tiles else DEFAULT_MAX_ROWS
     if int4:
-        # by default the 4-bit kernel up to TILES_MAX_ROWS when the file's 4-bit tiles serve
-        # the larger calls (AMX), else up to DEFAULT_MAX_ROWS (the dense weights above)
-        rows = int4_max_rows
-        if rows is None:
-            rows = TILES_MAX_ROWS if tiles else DEFAULT_MAX_ROWS
-        converted = loaded.model.use_int4(int4, rows if keep else 0)
+        converted = loaded.model.use_int4(int4, rows if keep else 0, tiles=tiles)
+        int4.clear()  # packed now: the unpacked blocks (a byte a weight) can go
         if keep:
             loaded.int4_projections += converted
     if weight_quant == "int4":
-        rows = DEFAULT_MAX_ROWS if int4_max_rows is None else int4_max_rows
         loaded.int4_projections += loaded.model.use_int4(None, rows)
     int8_head = weight_quant == "int4" or (weight_quant == "auto" and loaded.quantized_output)
     if int8_head and device.type == "cpu" and dtype == torch.bfloat16:

@@ -305,13 +305,16 @@ class Qwen2ForCausalLM(nn.Module):
         "mlp.down_proj": ("mlp.down_proj",),
     }
 
-    def use_int4(self, weights: dict[str, Int4Weight] | None, max_rows: int) -> int:
+    def use_int4(
+        self, weights: dict[str, Int4Weight] | None, max_rows: int, tiles: bool = True
+    ) -> int:
         """Run the projections of every layer on 4-bit weights for calls of <= max_rows rows.
 
         `weights` maps checkpoint names (model.layers.N.self_attn.q_proj.weight) to the file's
         own 4-bit blocks; a projection is converted only when all its parts are there. With
-        None, every projection is quantized from its dense weight (lossy). Returns the number
-        of projections converted.
+        None, every projection is quantized from its dense weight (lossy). tiles=False keeps
+        the file's blocks off the AMX tiles (the dense weights serve the larger calls).
+        Returns the number of projections converted.
         """
         converted = 0
         for i, parent, attr, parts in self._projections():
@@ -325,7 +328,7 @@ class Qwen2ForCausalLM(nn.Module):
                 if not all(name in weights for name in names):
                     continue
                 int4 = Int4Weight.cat([weights[name] for name in names])
-            setattr(parent, attr, Int4Linear(linear, int4, max_rows))
+            setattr(parent, attr, Int4Linear(linear, int4, max_rows, tiles=tiles))
             converted += 1
         self._q4_plan = self._plan_q4_decode()
         return converted
