@@ -14,6 +14,8 @@ zero. Anything but a 2-D bfloat16 input of the weight's width goes to `F.linear`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,8 +42,11 @@ def dense_forward(
     bias: torch.Tensor | None,
     packed: torch.Tensor | None,
     max_rows: int = AMX_MAX_ROWS,
+    kernel: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """x @ weight^T + bias: on the packed AMX copy when there is one and the call is small."""
+    """x @ weight^T + bias: on the packed AMX copy when there is one and the call is small.
+    `kernel` reads `packed` (default: cpu_kernels.amx_linear_bf16, a packed bfloat16 copy;
+    the 4-bit layers pass amx_q4_linear_bf16 with the file's blocks)."""
     if (
         packed is not None
         and x.dim() == 2
@@ -49,7 +54,8 @@ def dense_forward(
         and x.dtype == torch.bfloat16
         and x.shape[1] == weight.shape[1]
     ):
-        return cpu_kernels.amx_linear_bf16(x, packed, weight.shape[0], bias)
+        run = kernel or cpu_kernels.amx_linear_bf16
+        return run(x, packed, weight.shape[0], bias)
     return F.linear(x, weight, bias)
 
 

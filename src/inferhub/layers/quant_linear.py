@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from inferhub.layers import cpu_kernels
-from inferhub.layers.amx_linear import AMX_MAX_ROWS, amx_supported, dense_forward
+from inferhub.layers.amx_linear import amx_supported, dense_forward
 
 GROUP = 32  # weights per scale/offset group (GGUF's QK4_0 / QK4_1)
 # At or below this many rows a call uses the 4-bit kernel; above it the dense weight.
@@ -228,15 +228,10 @@ class Int4Linear(_LowBitLinear):
             super().use_amx()
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.amx_q4 is not None
-            and x.dim() == 2
-            and x.shape[0] <= AMX_MAX_ROWS
-            and x.dtype == torch.bfloat16
-            and x.shape[1] == self.in_features
-        ):
-            return cpu_kernels.amx_q4_linear_bf16(x, self.amx_q4, self.out_features, self.bias)
-        return super()._dense(x)
+        if self.amx_q4 is None:
+            return super()._dense(x)
+        kernel = cpu_kernels.amx_q4_linear_bf16
+        return dense_forward(x, self.weight, self.bias, self.amx_q4, kernel=kernel)
 
     def _small(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.q4 is not None:
