@@ -238,7 +238,8 @@ class Qwen2ForCausalLM(nn.Module):
         layers = [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
         if not layers or self.norm.weight.dtype != torch.bfloat16:
             return None
-        projections: list[list[Int4Linear]] = []
+        # per layer: its four projections and its two norm weights
+        parts: list[tuple[list[Int4Linear], list[torch.Tensor]]] = []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             projs = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
@@ -249,16 +250,15 @@ class Qwen2ForCausalLM(nn.Module):
                 return None
             if any(p.bias is not None for p in projs[1:]):
                 return None
-            projections.append(projs)  # type: ignore[arg-type]
+            parts.append((projs, norms))  # type: ignore[arg-type]
         keep: list[torch.Tensor] = []
 
         def table(attr: str) -> torch.Tensor | None:
             addresses: list[int] = []
-            for layer, projs in zip(layers, projections, strict=True):
+            for projs, norms in parts:
                 packed = [getattr(p, attr) for p in projs]
                 if any(t is None for t in packed):
                     return None
-                norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
                 tensors = [packed[0], projs[0].bias, *packed[1:], *norms]
                 keep.extend(t for t in tensors if t is not None)
                 addresses += [0 if t is None else t.data_ptr() for t in tensors]
@@ -268,7 +268,7 @@ class Qwen2ForCausalLM(nn.Module):
         small, tiles = table("q4"), table("amx_q4")
         if small is None and tiles is None:
             return None
-        rows = [p.max_rows for projs in projections for p in projs]
+        rows = [p.max_rows for projs, _ in parts for p in projs]
         return _Q4DecodePlan(small, min(rows), tiles, max(rows), layers[0].self_attn, keep)
 
     def set_attention_backend(self, backend: str) -> None:
