@@ -108,6 +108,13 @@ static uint16_t *x_tiles(const uint16_t *x, int64_t m, int64_t k, int64_t x_stri
     return xt;
 }
 
+/* Threads split the panels `schedule(guided)`: shrinking runs of consecutive panels, so a
+ * thread that runs faster at the moment takes more of them (the cores of a shared VM run at
+ * uneven speeds: 9% of a decode step's samples were one thread waiting at the end of a
+ * static split; guided runs 3-4% faster per step, interleaved A/B), and a run keeps the
+ * next-panel prefetch useful (one panel at a time, `dynamic`, was 9-12% slower: each
+ * thread's prefetch brought in a panel that the other then took). */
+
 /* 4-bit storage: per 16 output columns and 32 input columns (one GGUF group), a block of
  * Q4_BLOCK bytes: 16 rows of 16 bytes in the tile's own element order (byte i of row r: low
  * nibble = element i, high nibble = element 16 + i, where element 2c + j is column c's weight
@@ -207,7 +214,7 @@ int inferhub_amx_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_
         float acc[4][256] __attribute__((aligned(64)));
         for (int64_t m0 = 0; m0 < mp; m0 += MC) {
             const int64_t m1 = m0 + MC < mp ? m0 + MC : mp;
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
             for (int64_t nb = 0; nb < nblocks; nb++) {
                 const uint16_t *b0 = packed + (2 * nb) * kb_count * 512;
                 for (int64_t mb = m0; mb < m1; mb += 32) {
@@ -268,7 +275,7 @@ int inferhub_amx_q4_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t
         }
         configure_tiles();
         float acc[4][256] __attribute__((aligned(64)));
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
         for (int64_t nb = 0; nb < nblocks; nb++) {
             if (!bt) continue;
             const uint8_t *q4 = packed + nb * panel;

@@ -399,7 +399,8 @@ int inferhub_paged_decode_attention(const void *q, const void *k_cache, const vo
         float *inv_sum = malloc((size_t)item_heads * sizeof(float));
         int64_t *rows = malloc((size_t)max_ctx * sizeof(int64_t));
         if (!qf || !acc || !row || !scores || !inv_sum || !rows) failed = 1;
-#pragma omp for schedule(static)
+        /* guided: the faster thread takes more items (see amx_gemm.c) */
+#pragma omp for schedule(guided)
         for (int64_t it = 0; it < items; it++) {
             if (failed) continue;
             const int64_t b = it / split, kh0 = (it % split) * per_item;
