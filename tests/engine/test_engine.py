@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -71,6 +72,32 @@ def test_chunked_prefill_gives_the_same_tokens(
     assert all(s.total_tokens <= 7 for s in steps)
     # decodes and prefill chunks shared steps
     assert any(1 in s.num_new_tokens and max(s.num_new_tokens) > 1 for s in steps)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "cpu"])
+def test_first_chunks_beside_a_continuing_chunk(
+    backend: str, tiny_hf: dict[str, Path], make_llm: Callable[..., LLM], hf_reference: Ref
+) -> None:
+    """A step that holds a chunk continuing its prompt and first chunks of others attends
+    in two groups (gathered + masked, and causal over the new keys alone) with the tokens
+    of each prompt alone."""
+    ps = [prompts(1, 30, 30, seed=4)[0], *prompts(3, 9, 12, seed=5)]
+    llm = make_llm(tiny_hf["llama"], max_num_batched_tokens=36, attention_backend=backend)
+    split_steps = 0
+    original = llm.engine.runner.prepare
+
+    def spy(out: SchedulerOutput) -> Any:
+        nonlocal split_steps
+        inputs = original(out)
+        meta = inputs.meta
+        if meta.prefill is not None and meta.prefill_fresh is not None:
+            split_steps += 1
+            assert not meta.prefill.all_from_start and meta.prefill_fresh.all_from_start
+        return inputs
+
+    llm.engine.runner.prepare = spy  # type: ignore[method-assign]
+    assert tokens(llm, ps, greedy(6)) == hf_reference(tiny_hf["llama"], ps, 6)
+    assert split_steps > 0
 
 
 def test_triton_backend_gives_the_same_tokens(

@@ -119,12 +119,16 @@ class ModelRunner:
             all_valid=all(n == q_max for n in lens),
             context_len=ctx_lens[0] if b == 1 else None,
             all_from_start=all(s == 0 for s in starts),
+            num_tokens=sum(lens),
         )
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         decode_idx = [i for i, n in enumerate(out.num_new_tokens) if n == 1]
         prefill_idx = [i for i, n in enumerate(out.num_new_tokens) if n > 1]
-        order = decode_idx + prefill_idx
+        # chunks that continue a context, then first chunks (see AttentionMetadata)
+        fresh_idx = [i for i in prefill_idx if out.seqs[i].num_computed_tokens == 0]
+        cont_idx = [i for i in prefill_idx if out.seqs[i].num_computed_tokens > 0]
+        order = decode_idx + cont_idx + fresh_idx
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -157,7 +161,8 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev),
             num_decode_tokens=len(decode_idx),
             decode=None if self.backend in KERNEL_BACKENDS else group(decode_idx),
-            prefill=group(prefill_idx),
+            prefill=group(cont_idx),
+            prefill_fresh=group(fresh_idx),
             block_size=bs,
         )
         if decode_idx and self.backend in KERNEL_BACKENDS:

@@ -1,7 +1,8 @@
 """Attention over the paged KV cache.
 
 The flat batch holds `num_decode_tokens` decode tokens (one per sequence) first, then the
-prefill chunks. New keys and values are written into the cache at `slot_mapping`; each query
+prefill chunks that continue a context, then the first chunks (whose context is just their
+own tokens: no gather, no mask). New keys and values are written into the cache at `slot_mapping`; each query
 then attends to its sequence's context gathered from the cache through the block table.
 Backends: "torch" (plain matmul + softmax, runs everywhere), "sdpa"
 (`scaled_dot_product_attention`), "cpu" (decodes read the cache in place with the C kernel of
@@ -37,6 +38,7 @@ class AttentionGroup:
     # Every sequence's queries start at position 0: its context is exactly this step's new
     # keys and values (a first prefill chunk without a prefix-cache hit).
     all_from_start: bool = False
+    num_tokens: int | None = None  # the group's flat tokens (None: the rest of the batch)
 
 
 @dataclass
@@ -46,11 +48,20 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) cache slot for each new token
     num_decode_tokens: int
     decode: AttentionGroup | None
-    prefill: AttentionGroup | None
+    prefill: AttentionGroup | None  # chunks that continue a context (or any, built alone)
+    # First chunks (after `prefill`'s tokens), attended causally over their own keys: kept
+    # apart so that one continuing chunk does not send them all through the gathered,
+    # masked path (SmolLM2, 15 first chunks of 128 tokens beside one continuing chunk of
+    # 112: the step's attention over 30 layers 107 -> 82 ms)
+    prefill_fresh: AttentionGroup | None = None
     # For kernels that walk the block table themselves (triton and cpu backends).
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decodes first
     context_lens: torch.Tensor | None = None  # (B,) int32
     block_size: int = 16
+
+    @property
+    def has_prefill(self) -> bool:
+        return self.prefill is not None or self.prefill_fresh is not None
 
 
 def _attend_torch(
@@ -183,12 +194,25 @@ def paged_attention(
         )
     if backend in KERNEL_BACKENDS:
         backend = "sdpa"  # their prefill chunks
-    if meta.prefill is None:
-        assert decode_out is not None
-        return decode_out
-    prefill_out = _attend_group(
-        q[nd:], k_cache, v_cache, meta.prefill, scale, backend, meta.block_size, k[nd:], v[nd:]
-    )
-    if decode_out is None:
-        return prefill_out
-    return torch.cat((decode_out, prefill_out), dim=0)
+    outs = [] if decode_out is None else [decode_out]
+    start = nd
+    for group in (meta.prefill, meta.prefill_fresh):
+        if group is None:
+            continue
+        end = q.shape[0] if group.num_tokens is None else start + group.num_tokens
+        outs.append(
+            _attend_group(
+                q[start:end],
+                k_cache,
+                v_cache,
+                group,
+                scale,
+                backend,
+                meta.block_size,
+                k[start:end],
+                v[start:end],
+            )
+        )
+        start = end
+    assert outs, "a step with no tokens"
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

@@ -168,7 +168,7 @@ class Qwen2ForCausalLM(nn.Module):
         plan = self._q4_plan
         if (
             plan is not None
-            and meta.prefill is None
+            and not meta.has_prefill
             and 0 < x.shape[0] == meta.num_decode_tokens
             and meta.block_tables is not None
             and meta.context_lens is not None
