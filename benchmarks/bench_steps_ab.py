@@ -9,6 +9,11 @@ writes benchmarks/results/bench_steps_ab.json.
     python benchmarks/bench_steps_ab.py --b weight_quant=auto
     python benchmarks/bench_steps_ab.py --a attention_backend=sdpa --b attention_backend=cpu
 
+    python benchmarks/bench_steps_ab.py --b-kernels /tmp/csrc-variant
+
+--b-kernels: a folder holding the files of src/inferhub/layers/csrc/ (some of them changed);
+it is compiled like the committed kernels and B's steps run on that build (A's on the
+committed one), which measures a change to the C kernels the same way.
 --a / --b set EngineConfig fields (repeatable, key=value); both start from the same base:
 the embedded default model in bfloat16, --requests sequences of --input-len random prompt
 tokens, --output-len tokens each, greedy, ignore EOS. The outputs of both are compared too
@@ -18,10 +23,15 @@ tokens, --output-len tokens each, greedy, ignore EOS. The outputs of both are co
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,7 @@ from common import print_table, write_json
 from inferhub.config import EngineConfig
 from inferhub.engine.llm import LLM
 from inferhub.engine.sampling_params import SamplingParams
+from inferhub.layers import cpu_kernels
 from inferhub.models.default import default_model_path
 
 
@@ -63,6 +74,31 @@ def overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def variant_kernels(folder: Path) -> ctypes.CDLL:
+    """The C kernels of `folder` (csrc's file names), built with the committed kernels'
+    compiler and flags, their functions typed as the committed ones are."""
+    base = cpu_kernels.library()
+    compiler = cpu_kernels._compiler()
+    if base is None or compiler is None:
+        raise SystemExit("--b-kernels needs the committed C kernels and a C compiler here")
+    out = Path(tempfile.mkdtemp()) / "variant.so"
+    sources = [str(folder / name) for name in cpu_kernels.SOURCES]
+    subprocess.run([compiler, *cpu_kernels.FLAGS, "-o", str(out), *sources, "-lm"], check=True)
+    lib = ctypes.CDLL(str(out))
+    for path in sources:
+        for name in re.findall(r"^(?:int|void) (inferhub_\w+)\(", Path(path).read_text(), re.M):
+            theirs, ours = getattr(lib, name), getattr(base, name, None)
+            if ours is not None:
+                theirs.argtypes, theirs.restype = ours.argtypes, ours.restype
+    if cpu_kernels.amx_available():
+        lib.inferhub_amx_init()
+    return lib
+
+
+def kernels_for(lib: ctypes.CDLL) -> Callable[[], ctypes.CDLL]:
+    return lambda: lib
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         v = values[0] if values else float("nan")
@@ -75,6 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--a", action="append", default=[], help="EngineConfig field=value for A")
     ap.add_argument("--b", action="append", default=[], help="EngineConfig field=value for B")
+    ap.add_argument("--b-kernels", type=Path, default=None, help="csrc variant folder for B")
     ap.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
@@ -90,8 +127,13 @@ def main() -> None:
         "kv_cache_memory": 2 << 30,
         "show_progress": False,
     }
+    committed = cpu_kernels._lib
+    kernels = {"A": committed, "B": committed}
+    if args.b_kernels is not None:
+        kernels["B"] = kernels_for(variant_kernels(args.b_kernels))
     engines: dict[str, LLM] = {}
     for name, pairs in (("A", args.a), ("B", args.b)):
+        cpu_kernels._lib = kernels[name]  # type: ignore[assignment]
         llm = LLM(EngineConfig(**{**base, **overrides(pairs)}))
         warm = random_prompts(2, args.input_len, llm.engine.vocab_size, set(), args.seed + 99)
         llm.generate(warm, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -126,6 +168,7 @@ def main() -> None:
                     and not engine.scheduler.waiting
                 )
                 kinds.add("decode" if decode_only else "prefill")
+                cpu_kernels._lib = kernels[name]  # type: ignore[assignment]
                 t0 = time.perf_counter()
                 for out in engine.step():
                     for choice in out.outputs:
@@ -147,10 +190,13 @@ def main() -> None:
         {"steps": "all (summed)", "paired": sum(len(v) for v in ratios.values()),
          "B/A median": totals["B"] / totals["A"] if totals["A"] else float("nan")}
     )  # fmt: skip
-    print(f"A: {args.a or 'defaults'}  B: {args.b or 'defaults'}  same tokens: {same}")
+    cpu_kernels._lib = committed  # type: ignore[assignment]
+    b_what = f"{args.b or 'defaults'}" + (f" on {args.b_kernels}" if args.b_kernels else "")
+    print(f"A: {args.a or 'defaults'}  B: {b_what}  same tokens: {same}")
     print_table(rows, ["steps", "paired", "B/A median", "B/A q1", "B/A q3"])
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     path = write_json(
-        "bench_steps_ab", {"args": vars(args), "model": model, "same_tokens": same, "rows": rows}
+        "bench_steps_ab", {"args": given, "model": model, "same_tokens": same, "rows": rows}
     )
     print(f"wrote {path}")
 
