@@ -2,8 +2,9 @@
 
 The flat batch holds `num_decode_tokens` decode tokens (one per sequence) first, then the
 prefill chunks that continue a context, then the first chunks (whose context is just their
-own tokens: no gather, no mask). New keys and values are written into the cache at `slot_mapping`; each query
-then attends to its sequence's context gathered from the cache through the block table.
+own tokens: no gather, no mask). New keys and values are written into the cache at
+`slot_mapping`; each query then attends to its sequence's context gathered from the cache
+through the block table.
 Backends: "torch" (plain matmul + softmax, runs everywhere), "sdpa"
 (`scaled_dot_product_attention`), "cpu" (decodes read the cache in place with the C kernel of
 cpu_kernels.py; prefill chunks as "sdpa") and "triton" on CUDA (see triton_attention.py).

@@ -114,6 +114,23 @@ static uint16_t *x_tiles(const uint16_t *x, int64_t m, int64_t k, int64_t x_stri
     return xt;
 }
 
+/* A call's x in tile order, shared: made by all threads before their region for calls of
+ * more than PRIVATE_X_ROWS rows (*shared NULL and -1 when out of memory); for smaller ones
+ * *shared stays NULL and each thread makes its own (thread_x_tiles). */
+static int shared_x_tiles(const uint16_t *x, int64_t m, int64_t k, int64_t x_stride,
+                          int parallel, int num_threads, const uint16_t **shared) {
+    *shared = NULL;
+    if ((m + 31) / 32 * 32 <= PRIVATE_X_ROWS) return 0;
+    *shared = x_tiles(x, m, k, x_stride, parallel, num_threads);
+    return *shared ? 0 : -1;
+}
+
+/* Inside the threads' region: the shared copy, or this thread's own (NULL: out of memory). */
+static inline const uint16_t *thread_x_tiles(const uint16_t *shared, const uint16_t *x,
+                                             int64_t m, int64_t k, int64_t x_stride) {
+    return shared ? shared : x_tiles(x, m, k, x_stride, 0, 1);
+}
+
 /* Threads split the panels `schedule(guided)`: shrinking runs of consecutive panels, so a
  * thread that runs faster at the moment takes more of them (the cores of a shared VM run at
  * uneven speeds: 9% of a decode step's samples were one thread waiting at the end of a
@@ -223,13 +240,12 @@ int inferhub_amx_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t x_
     const int64_t kb_count = k / 32, nblocks = n / 32, mp = (m + 31) / 32 * 32;
     /* Threads split the output columns; a few hundred microseconds of work at the least. */
     const int parallel = num_threads > 1 && mp * n * k >= (int64_t)1 << 22;
-    const uint16_t *shared_xt = NULL;
-    if (mp > PRIVATE_X_ROWS && !(shared_xt = x_tiles(x, m, k, x_stride, parallel, num_threads)))
-        return -1;
+    const uint16_t *shared_xt;
+    if (shared_x_tiles(x, m, k, x_stride, parallel, num_threads, &shared_xt)) return -1;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
-        const uint16_t *xt = shared_xt ? shared_xt : x_tiles(x, m, k, x_stride, 0, 1);
+        const uint16_t *xt = thread_x_tiles(shared_xt, x, m, k, x_stride);
         if (!xt) {
 #pragma omp atomic write
             failed = 1;
@@ -290,13 +306,12 @@ int inferhub_amx_q4_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t
     const int64_t kb_count = k / 32, nblocks = n / 32, mp = (m + 31) / 32 * 32;
     const int64_t panel = 2 * kb_count * Q4_BLOCK; /* bytes of 4-bit weights per panel */
     const int parallel = num_threads > 1 && mp * n * k >= (int64_t)1 << 20;
-    const uint16_t *shared_xt = NULL;
-    if (mp > PRIVATE_X_ROWS && !(shared_xt = x_tiles(x, m, k, x_stride, parallel, num_threads)))
-        return -1;
+    const uint16_t *shared_xt;
+    if (shared_x_tiles(x, m, k, x_stride, parallel, num_threads, &shared_xt)) return -1;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
-        const uint16_t *xt = shared_xt ? shared_xt : x_tiles(x, m, k, x_stride, 0, 1);
+        const uint16_t *xt = thread_x_tiles(shared_xt, x, m, k, x_stride);
         /* the panel's rebuilt bfloat16 tiles: 2 KB per k step, in L1/L2 (allocated before
          * the tiles are configured: no library call between that and the tile code) */
         uint16_t *bt = xt ? thread_scratch(1, (size_t)kb_count * 2048) : NULL;

@@ -41,8 +41,8 @@ typedef int (*linear_fn)(const uint16_t *x, int64_t m, int64_t k, int64_t x_stri
                          int num_threads);
 
 /* Per layer, LAYER_PTRS addresses in `weights`: qkv, qkv bias (0: none), o, gate_up, down
- * (4-bit, packed for the kernel `amx` names: 0 lowbit_gemv.c's, 1 the AMX tiles'), input and post-attention norm weights (bfloat16); in `caches`: the
- * layer's key and value cache. */
+ * (4-bit, packed for the kernel `amx` names: 0 lowbit_gemv.c's, 1 the AMX tiles'), input and
+ * post-attention norm weights (bfloat16); in `caches`: the layer's key and value cache. */
 #define LAYER_PTRS 7
 enum { W_QKV, W_QKV_BIAS, W_O, W_GATE_UP, W_DOWN, W_LN1, W_LN2 };
 
@@ -78,7 +78,7 @@ int inferhub_decode_q4_layers(const uint16_t *x, uint16_t *out, int64_t m,
             inferhub_add_rms_norm(h, res, ln1, hn, res, m, hidden, hidden, eps, 1, num_threads);
         }
         rc = linear(hn, m, hidden, hidden, (const uint8_t *)w[W_QKV], qkv_n,
-                                     (const uint16_t *)w[W_QKV_BIAS], qkv, num_threads);
+                    (const uint16_t *)w[W_QKV_BIAS], qkv, num_threads);
         if (rc) break;
         inferhub_rotary_inplace(qkv, positions, cos_cache, sin_cache, m,
                                 num_heads + num_kv_heads, head_dim, qkv_n, 1, num_threads);
@@ -89,16 +89,16 @@ int inferhub_decode_q4_layers(const uint16_t *x, uint16_t *out, int64_t m,
                                              attn, qkv_n, m, num_heads, num_kv_heads, head_dim,
                                              max_blocks, block_size, scale, 1, num_threads);
         if (rc) break;
-        rc = linear(attn, m, q_size, q_size, (const uint8_t *)w[W_O], hidden,
-                                     NULL, h, num_threads);
+        rc = linear(attn, m, q_size, q_size, (const uint8_t *)w[W_O], hidden, NULL, h,
+                    num_threads);
         if (rc) break;
         inferhub_add_rms_norm(h, res, ln2, hn, res, m, hidden, hidden, eps, 1, num_threads);
-        rc = linear(hn, m, hidden, hidden, (const uint8_t *)w[W_GATE_UP],
-                                     2 * inter, NULL, gu, num_threads);
+        rc = linear(hn, m, hidden, hidden, (const uint8_t *)w[W_GATE_UP], 2 * inter, NULL, gu,
+                    num_threads);
         if (rc) break;
         inferhub_silu_and_mul(gu, act, m, inter, 1, num_threads);
-        rc = linear(act, m, inter, inter, (const uint8_t *)w[W_DOWN], hidden,
-                                     NULL, h, num_threads);
+        rc = linear(act, m, inter, inter, (const uint8_t *)w[W_DOWN], hidden, NULL, h,
+                    num_threads);
     }
     if (rc == 0)
         inferhub_add_rms_norm(h, res, final_norm, out, res, m, hidden, hidden, eps, 1,
