@@ -533,3 +533,70 @@ def test_low_bit_layers_use_the_c_kernels_for_bf16_and_torch_otherwise() -> None
     torch.testing.assert_close(
         head(x).float(), F.linear(x, head.weight).float(), atol=0.05, rtol=0.05
     )
+
+
+needs_avx2 = pytest.mark.skipif(
+    not cpu_kernels.q4f32_available(), reason="no AVX2/FMA/F16C (or no C compiler) here"
+)
+
+
+@needs_avx2
+@pytest.mark.parametrize("n,k", [(16, 32), (96, 64), (160, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 17])
+@pytest.mark.parametrize("q4_0", [False, True])
+def test_f32_4bit_kernel_rebuilds_the_files_float32_weights(
+    n: int, k: int, m: int, q4_0: bool
+) -> None:
+    """The float32 AVX2 kernel on a Q4_0/Q4_1 file's blocks: one-hot rows read back the
+    dense float32 weights bit for bit (q * d + m, one rounding, as the file dequantizes), and
+    any rows give the dense product up to the order of float32 sums."""
+    q, d, offset, _ = _gguf_like_q4(n, k, seed=n + k + m, q4_0=q4_0)
+    dense = q.float() * d.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
+    packed = cpu_kernels.q4f32_pack(q, d, offset)
+    assert packed.numel() == n * k * 5 // 8
+    eye = torch.eye(k)[: max(m, 1)]
+    assert torch.equal(cpu_kernels.q4f32_linear(eye, packed, n, None), dense[:, : eye.shape[0]].t())
+    x = torch.randn(m, 2 * k)[:, ::2]  # a strided input too
+    bias = torch.randn(n)
+    out = cpu_kernels.q4f32_linear(x, packed, n, bias)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    exact = x.double() @ dense.double().t() + bias.double()
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max())
+
+
+@needs_avx2
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 13])
+def test_f32_8bit_kernel_rebuilds_a_q8_0_files_float32_weights(m: int) -> None:
+    import gguf
+
+    from inferhub.layers.quant_linear import q8_0_blocks
+
+    n, k = 48, 96
+    w = torch.randn(n, k).numpy()
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    dense = torch.from_numpy(
+        gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(n, k).copy()
+    )
+    q, scale = q8_0_blocks(raw, (n, k))
+    packed = cpu_kernels.q8f32_pack(q, scale)
+    eye = torch.eye(k)
+    assert torch.equal(cpu_kernels.q8f32_linear(eye, packed, n, None), dense.t())
+    x = torch.randn(m, k)
+    out = cpu_kernels.q8f32_linear(x, packed, n, None)
+    exact = x.double() @ dense.double().t()
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max())
+
+
+@needs_avx2
+def test_f32_low_bit_packing_refuses_what_it_cannot_hold() -> None:
+    q, d, offset, _ = _gguf_like_q4(32, 64, seed=0, q4_0=False)
+    with pytest.raises(ValueError, match="float16"):
+        cpu_kernels.q4f32_pack(q, d * (1 + 2**-20), offset)  # not a file's float16 scales
+    with pytest.raises(ValueError, match="4-bit packing"):
+        cpu_kernels.q4f32_pack(q[:24], d[:24], offset[:24])
+    with pytest.raises(ValueError, match="8-bit packing"):
+        cpu_kernels.q8f32_pack(torch.zeros(16, 40, dtype=torch.int8), torch.ones(16, 1))
+    with pytest.raises(TypeError, match="float32"):
+        cpu_kernels.q4f32_linear(
+            torch.ones(1, 64, dtype=torch.bfloat16), cpu_kernels.q4f32_pack(q, d, offset), 32, None
+        )

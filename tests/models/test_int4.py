@@ -92,7 +92,7 @@ def test_q4_gguf_on_4bit_kernels_matches_transformers(q4: dict[str, Path], name:
 
 @pytest.mark.parametrize("name", [f"{a}-Q4_1" for a in ARCHS])
 def test_q4_dense_and_4bit_paths_agree(q4: dict[str, Path], name: str) -> None:
-    dense = load(q4[name], weight_quant="none")
+    dense = load(q4[name], weight_quant="none", int4_max_rows=0)  # no small-call kernel
     assert dense.int4_projections == 0 and not int4_layers(dense)
     small = load(q4[name], int4_max_rows=1 << 30)
     ids = dense.tokenizer.encode("Once upon a time there was a small language model")
@@ -283,12 +283,108 @@ def test_the_4bit_kernels_row_limit_defaults_by_what_serves_larger_calls(
     """weight_quant auto: the 4-bit kernel takes calls of up to 4 rows when AMX tiles on the
     file's 4 bits take the larger ones (where the tiles are faster from 5 rows), up to 8 when
     the dense weights do; an explicit int4_max_rows wins."""
-    from inferhub.layers.quant_linear import DEFAULT_MAX_ROWS, TILES_MAX_ROWS
+    from inferhub.layers.quant_linear import DEFAULT_MAX_ROWS, F32_MAX_ROWS, TILES_MAX_ROWS
 
     path = q4["llama-Q4_0"]
     lm = load(path, torch.bfloat16, int4_max_rows=None)
     expected = TILES_MAX_ROWS if cpu_kernels.amx_available() else DEFAULT_MAX_ROWS
     assert {p.max_rows for p in int4_layers(lm)} == {expected}
-    assert {p.max_rows for p in int4_layers(load(path, int4_max_rows=None))} == {DEFAULT_MAX_ROWS}
+    # float32: the exact AVX2 kernel's limit where it runs
+    expected = F32_MAX_ROWS if cpu_kernels.q4f32_available() else DEFAULT_MAX_ROWS
+    assert {p.max_rows for p in int4_layers(load(path, int4_max_rows=None))} == {expected}
     explicit = load(path, torch.bfloat16, int4_max_rows=6)
     assert {p.max_rows for p in int4_layers(explicit)} == {6}
+
+
+needs_avx2 = pytest.mark.skipif(
+    not cpu_kernels.q4f32_available(), reason="no AVX2/FMA/F16C (or no C compiler) here"
+)
+
+
+@needs_avx2
+@pytest.mark.parametrize("name", [f"{a}-{q}" for a in ARCHS for q in QUANTS])
+def test_f32_small_calls_read_the_files_4_bits_by_default(q4: dict[str, Path], name: str) -> None:
+    """float32 on AVX2, weight_quant none (the default): every projection's calls of up to
+    F32_MAX_ROWS rows run the exact kernel on the file's own 4-bit blocks, and the logits are
+    the dense model's (int4_max_rows=0) up to the order of float32 sums, and transformers'."""
+    from inferhub.layers.quant_linear import F32_MAX_ROWS
+
+    lm = load(q4[name], weight_quant="none")
+    layers = lm.config.num_hidden_layers
+    assert lm.int4_projections == 4 * layers
+    projections = int4_layers(lm)
+    assert len(projections) == 4 * layers
+    assert all(p.q4f32 is not None and p.max_rows == F32_MAX_ROWS for p in projections)
+    dense = load(q4[name], weight_quant="none", int4_max_rows=0)
+    assert dense.int4_projections == 0 and not int4_layers(dense)
+    for ids in ([7], dense.tokenizer.encode("Once upon a time")):  # rows <= F32_MAX_ROWS
+        assert len(ids) <= F32_MAX_ROWS
+        a, b = our_logits(lm, ids), our_logits(dense, ids)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_logits_match(lm, hf_model(q4[name].parent, gguf_file=q4[name].name))
+
+
+@needs_avx2
+def test_f32_logits_read_a_q8_0_files_output_rows(tmp_path: Path) -> None:
+    """A Q8_0 file in float32: the (tied) output projection of small batches runs the exact
+    8-bit kernel on the file's blocks; logits equal the dense ones up to sum order."""
+    from inferhub.layers.quant_linear import EXACT_Q8_MAX_ROWS, ExactQ8Linear
+
+    path = make_tiny_gguf(tmp_path, "qwen2", quant="Q8_0")
+    lm = load(path, weight_quant="none")
+    assert lm.exact_q8_lm_head and isinstance(lm.model.lm_head, ExactQ8Linear)
+    assert lm.model.lm_head.weight is lm.model.embed_tokens.weight  # still tied
+    assert lm.model.lm_head.max_rows == EXACT_Q8_MAX_ROWS
+    dense = load(path, weight_quant="none", int4_max_rows=0)
+    assert not dense.exact_q8_lm_head and isinstance(dense.model.lm_head, nn.Linear)
+    ids = lm.tokenizer.encode("Hello, world! How are you today?")
+    torch.testing.assert_close(our_logits(lm, ids), our_logits(dense, ids), atol=1e-5, rtol=1e-5)
+    assert not load(path, torch.bfloat16, weight_quant="none").exact_q8_lm_head
+
+
+@needs_avx2
+@pytest.mark.parametrize("name", ["qwen2-Q4_1", "llama-Q4_0"])
+def test_f32_decode_layers_in_one_call_equal_the_layer_by_layer_path(
+    q4: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 on the exact 4-bit kernel with the C kernels: decode steps of up to
+    F32_MAX_ROWS sequences run every layer in one C call; tokens and log-probabilities are
+    exactly those of the Python path, for single and batched decodes."""
+    kernels: list[tuple[int, int]] = []
+    real = cpu_kernels.decode_q4_layers
+
+    def counting(x: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        kernels.append((x.shape[0], int(args[-1])))  # type: ignore[call-overload]
+        return real(x, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cpu_kernels, "decode_q4_layers", counting)
+
+    def run(one_call: bool) -> list[list[tuple[int, float]]]:
+        llm = LLM(
+            EngineConfig(
+                model=str(q4[name]),
+                dtype="float32",
+                attention_backend="cpu",
+                kv_cache_memory=1 << 24,
+                show_progress=False,
+            )
+        )
+        model = llm.engine.runner.model
+        assert model._q4_plan is not None
+        assert model._q4_plan.small_kernel == cpu_kernels.KERNEL_Q4_F32
+        if not one_call:
+            model._q4_plan = None
+        prompts = [[5, 9, 2, 7, 1, 3, 8][:n] for n in (7, 3, 5, 2, 6)] + [[4, 4, 6]]
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+        out = llm.generate([prompts[0]], params) + llm.generate(prompts, params)
+        return [
+            [(t, lp.logprob) for t, lp in zip(r[0].token_ids, r[0].logprobs or [], strict=True)]
+            for r in out
+        ]
+
+    fast = run(one_call=True)
+    assert set(kernels) == {(1, cpu_kernels.KERNEL_Q4_F32), (6, cpu_kernels.KERNEL_Q4_F32)}
+    kernels.clear()
+    slow = run(one_call=False)
+    assert not kernels
+    assert fast == slow

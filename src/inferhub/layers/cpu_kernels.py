@@ -33,6 +33,7 @@ SOURCES = (
     "elementwise.c",
     "amx_gemm.c",
     "lowbit_gemv.c",
+    "lowbit_avx2.c",
     "decode_layers.c",
 )
 HEADERS = ("simd.h",)
@@ -125,6 +126,8 @@ def library() -> ctypes.CDLL | None:
     signatures["inferhub_amx_q4_linear_bf16"] = signatures["inferhub_amx_linear_bf16"]
     signatures["inferhub_q4_linear_bf16"] = [ptr] + [i64] * 3 + [ptr, i64, ptr, ptr, i32]
     signatures["inferhub_q8_linear_bf16"] = [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr, ptr, i32]
+    signatures["inferhub_q4f32_linear"] = signatures["inferhub_q4_linear_bf16"]
+    signatures["inferhub_q8f32_linear"] = signatures["inferhub_q4_linear_bf16"]
     signatures["inferhub_decode_q4_layers"] = (
         [ptr, ptr, i64, ptr, ptr, ptr] + [i64] * 6 + [f32, f32] + [ptr] * 4 + [i64] * 2
     ) + [ptr, ptr, i32, i32]
@@ -140,6 +143,10 @@ def library() -> ctypes.CDLL | None:
     lib.inferhub_q4_pack.restype = None
     lib.inferhub_q8_pack.argtypes = [ptr, i64, i64, ptr]
     lib.inferhub_q8_pack.restype = None
+    lib.inferhub_q4f32_pack.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.inferhub_q4f32_pack.restype = None
+    lib.inferhub_q8f32_pack.argtypes = [ptr, ptr, i64, i64, ptr]
+    lib.inferhub_q8f32_pack.restype = None
     return lib
 
 
@@ -347,7 +354,7 @@ def amx_linear_bf16(
     """x (M, K) bfloat16 @ the packed (N, K) weight^T (+ bias): (M, N), as F.linear."""
     if not amx_available():  # the tile state is granted per process: never run without it
         raise RuntimeError("AMX tiles are not available here")
-    return _linear_bf16(_lib().inferhub_amx_linear_bf16, "AMX", x, (packed,), n, bias)
+    return _linear(_lib().inferhub_amx_linear_bf16, "AMX", x, (packed,), n, bias)
 
 
 def amx_q4_pack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -379,23 +386,27 @@ def amx_q4_linear_bf16(
     as amx_linear_bf16 on the bfloat16 weight bfloat16(q * scale + offset)."""
     if not amx_available():
         raise RuntimeError("AMX tiles are not available here")
-    return _linear_bf16(_lib().inferhub_amx_q4_linear_bf16, "4-bit AMX", x, (packed,), n, bias)
+    return _linear(_lib().inferhub_amx_q4_linear_bf16, "4-bit AMX", x, (packed,), n, bias)
 
 
-def _linear_bf16(
+def _linear(
     fn: Callable[..., int],
     what: str,
     x: torch.Tensor,
     weights: tuple[torch.Tensor, ...],
     n: int,
     bias: torch.Tensor | None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """Call one of the C matrix products, which all take (x, m, k, x's row stride, the
-    weight's buffers, n, bias or NULL, out, threads) and return 0 or an error code."""
+    weight's buffers, n, bias or NULL, out, threads) and return 0 or an error code; x, bias
+    and out in `dtype`."""
+    if x.dtype != dtype:
+        raise TypeError(f"the {what} kernel takes {dtype} inputs, not {x.dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    out = torch.empty(m, n, dtype=torch.bfloat16)
+    out = torch.empty(m, n, dtype=dtype)
     if m == 0:  # nothing to compute (and no scratch buffer to ask the kernels for)
         return out
     rc = fn(
@@ -443,7 +454,65 @@ def q4_linear_bf16(
     x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x (M, K) bfloat16 @ the q4_pack'ed (N, K) weight^T (+ bias): (M, N) bfloat16."""
-    return _linear_bf16(_lib().inferhub_q4_linear_bf16, "4-bit", x, (packed,), n, bias)
+    return _linear(_lib().inferhub_q4_linear_bf16, "4-bit", x, (packed,), n, bias)
+
+
+@functools.cache
+def q4f32_available() -> bool:
+    """The float32 4-bit kernel of csrc/lowbit_avx2.c runs here (AVX2, FMA and F16C)."""
+    flags = _cpu_signature().split()
+    return library() is not None and all(f in flags for f in ("avx2", "fma", "f16c"))
+
+
+def q4f32_pack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """A GGUF file's 4-bit weights w = q * scale + offset (q: (N, K) uint8 0..15; scale,
+    offset: (N, K // 32) float32, each a float16 number as the file stores them) in
+    q4f32_linear's layout. N % 16 == 0, K % 32 == 0. Raises ValueError when a scale or offset
+    is not a float16 number (the kernel would not rebuild the dense weights exactly)."""
+    n, k = q.shape
+    if n % 16 or k % 32 or q.dtype != torch.uint8:
+        raise ValueError(f"4-bit packing needs (16i, 32j) uint8 values, not {q.dtype} {(n, k)}")
+    d = scale.to(torch.float32).contiguous()
+    m = offset.to(torch.float32).contiguous()
+    d16, m16 = d.to(torch.float16), m.to(torch.float16)
+    if not (torch.equal(d16.to(torch.float32), d) and torch.equal(m16.to(torch.float32), m)):
+        raise ValueError("4-bit scales or offsets that float16 does not hold exactly")
+    q = q.contiguous()
+    packed = torch.empty(n * k * 5 // 8, dtype=torch.uint8)  # 0.5 byte + 2 x fp16 / 32
+    _lib().inferhub_q4f32_pack(
+        q.data_ptr(), d16.data_ptr(), m16.data_ptr(), n, k, packed.data_ptr()
+    )
+    return packed
+
+
+def q4f32_linear(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (M, K) float32 @ the q4f32_pack'ed (N, K) weight^T (+ bias): (M, N) float32."""
+    return _linear(_lib().inferhub_q4f32_linear, "4-bit", x, (packed,), n, bias, torch.float32)
+
+
+def q8f32_pack(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A GGUF file's 8-bit weights w = q * scale (Q8_0: q (N, K) int8; scale (N, K // 32),
+    float16 numbers) in q8f32_linear's layout. N % 16 == 0, K % 32 == 0."""
+    n, k = q.shape
+    if n % 16 or k % 32 or q.dtype != torch.int8:
+        raise ValueError(f"8-bit packing needs (16i, 32j) int8 values, not {q.dtype} {(n, k)}")
+    d = scale.to(torch.float32).contiguous()
+    d16 = d.to(torch.float16)
+    if not torch.equal(d16.to(torch.float32), d):
+        raise ValueError("8-bit scales that float16 does not hold exactly")
+    q = q.contiguous()
+    packed = torch.empty(n * k * 17 // 16, dtype=torch.uint8)  # 1 byte + fp16 / 32
+    _lib().inferhub_q8f32_pack(q.data_ptr(), d16.data_ptr(), n, k, packed.data_ptr())
+    return packed
+
+
+def q8f32_linear(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (M, K) float32 @ the q8f32_pack'ed (N, K) weight^T (+ bias): (M, N) float32."""
+    return _linear(_lib().inferhub_q8f32_linear, "8-bit", x, (packed,), n, bias, torch.float32)
 
 
 def q8_pack(q: torch.Tensor) -> torch.Tensor:
@@ -461,11 +530,14 @@ def q8_linear_bf16(
     x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x (M, K) bfloat16 @ (q * scale)^T (+ bias) for q8_pack'ed q and float32 scale (N,)."""
-    return _linear_bf16(_lib().inferhub_q8_linear_bf16, "8-bit", x, (packed, scale), n, bias)
+    return _linear(_lib().inferhub_q8_linear_bf16, "8-bit", x, (packed, scale), n, bias)
 
 
 # Addresses per layer in decode_q4_layers' weight table (csrc/decode_layers.c, LAYER_PTRS).
 DECODE_LAYER_PTRS = 7
+# The 4-bit kernel a weight table is packed for (decode_layers.c's KERNEL_*): q4_pack's
+# (bfloat16), amx_q4_pack's (bfloat16), q4f32_pack's (float32).
+KERNEL_Q4_BF16, KERNEL_AMX_Q4, KERNEL_Q4_F32 = 0, 1, 2
 
 
 def decode_q4_layers(
@@ -483,18 +555,21 @@ def decode_q4_layers(
     block_size: int,
     cos_cache: torch.Tensor,
     sin_cache: torch.Tensor,
-    amx: bool = False,
+    kernel: int = KERNEL_Q4_BF16,
 ) -> torch.Tensor:
     """All decoder layers of a decode step and the final norm, in one call (decode_layers.c).
 
-    x: (M, hidden) bfloat16 embeddings; weights: int64 (layers * DECODE_LAYER_PTRS,) addresses
-    (qkv, qkv bias or 0, o, gate_up, down as q4_pack'ed, or amx_q4_pack'ed with amx, then the
-    two norm weights); caches:
+    x: (M, hidden) embeddings, float32 for KERNEL_Q4_F32, else bfloat16; weights: int64
+    (layers * DECODE_LAYER_PTRS,) addresses (qkv, qkv bias or 0, o, gate_up, down packed for
+    `kernel`, then the two norm weights, in x's dtype); caches:
     int64 (layers * 2,) addresses of each layer's key and value cache; shape: (layers, hidden,
     heads, kv heads, head dim, intermediate). positions, slots int64; block tables and
     context lengths int32, as for paged_decode_attention. Returns the final hidden states."""
+    want = torch.float32 if kernel == KERNEL_Q4_F32 else torch.bfloat16
+    if x.dtype != want:
+        raise TypeError(f"the decode layers of kernel {kernel} take {want}, not {x.dtype}")
     m, hidden = x.shape
-    out = torch.empty(m, hidden, dtype=torch.bfloat16)
+    out = torch.empty(m, hidden, dtype=want)
     layers, hidden_size, heads, kv_heads, head_dim, inter = shape
     rc = _lib().inferhub_decode_q4_layers(
         x.data_ptr(),
@@ -519,7 +594,7 @@ def decode_q4_layers(
         block_size,
         cos_cache.data_ptr(),
         sin_cache.data_ptr(),
-        int(amx),
+        kernel,
         torch.get_num_threads(),
     )
     if rc == -1:

@@ -17,11 +17,14 @@ from tqdm.auto import tqdm
 from inferhub.layers import cpu_kernels
 from inferhub.layers.quant_linear import (
     DEFAULT_MAX_ROWS,
+    F32_MAX_ROWS,
+    GROUP,
     TILES_MAX_ROWS,
     Int4Linear,
     Int4Weight,
     Int8Linear,
     int4_supported,
+    q8_0_blocks,
 )
 from inferhub.layers.rotary import RotaryEmbedding
 from inferhub.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
@@ -38,6 +41,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     source: str  # the absolute path it was loaded from
     int4_projections: int = 0  # projections running on 4-bit weights for small batches
+    exact_q8_lm_head: bool = False  # float32 logits of small batches on the file's Q8_0 rows
     quantized_output: bool = False  # the file stores the output projection quantized
     int8_lm_head: bool = False  # logits of small batches from 8-bit rows
     amx_projections: int = 0  # projections with an AMX-packed copy for calls up to 384 rows
@@ -71,6 +75,7 @@ def load_model(
     source = os.path.abspath(path)
     int4: dict[str, Int4Weight] = {}
     tiles = False  # AMX tiles on the file's 4-bit blocks (GGUF only)
+    exact32 = False  # the exact float32 4-bit kernel on the file's blocks (GGUF only)
     if os.path.isdir(source):
         loaded = _load_hf_folder(source, dtype, device, attention_backend, show_progress)
     else:
@@ -85,11 +90,22 @@ def load_model(
         # copy (the same bits out, a quarter of the bytes in), whatever weight_quant says;
         # the load holds the blocks unpacked (1.375 bytes a weight, up to 2.5 times the file)
         # until they are packed, so only when that fits a quarter of the memory available
+        fits = 5 * os.path.getsize(source) // 2 <= _memory_available() // 4
         tiles = (
             device.type == "cpu"
             and dtype == torch.bfloat16
             and cpu_kernels.amx_available()
-            and 5 * os.path.getsize(source) // 2 <= _memory_available() // 4
+            and fits
+        )
+        # likewise, in float32 on AVX2, the small calls' kernels that rebuild the file's
+        # dense float32 weights exactly from its 4 and 8 bits (csrc/lowbit_avx2.c), unless
+        # int4_max_rows = 0 asks for no small-call kernel
+        exact32 = (
+            device.type == "cpu"
+            and dtype == torch.float32
+            and int4_max_rows != 0
+            and cpu_kernels.q4f32_available()
+            and fits
         )
         loaded = _load_gguf(
             source,
@@ -97,20 +113,31 @@ def load_model(
             device,
             attention_backend,
             show_progress,
-            int4 if keep or tiles else None,
+            int4 if keep or tiles or exact32 else None,
         )
     # by default the 4-bit kernel takes calls of up to TILES_MAX_ROWS rows when the file's
-    # 4-bit tiles serve the larger ones (AMX), else up to DEFAULT_MAX_ROWS (dense above)
+    # 4-bit tiles serve the larger ones (AMX), F32_MAX_ROWS for the exact float32 kernel,
+    # else up to DEFAULT_MAX_ROWS (dense above)
     rows = int4_max_rows
     if rows is None:
-        rows = TILES_MAX_ROWS if tiles else DEFAULT_MAX_ROWS
+        rows = TILES_MAX_ROWS if tiles else F32_MAX_ROWS if exact32 else DEFAULT_MAX_ROWS
     if int4:
-        converted = loaded.model.use_int4(int4, rows if keep else 0, tiles=tiles)
+        converted = loaded.model.use_int4(
+            int4, rows if keep or exact32 else 0, tiles=tiles, exact_only=not keep
+        )
         int4.clear()  # packed now: the unpacked blocks (a byte a weight) can go
         if keep:
             loaded.int4_projections += converted
+        elif exact32:  # those the exact kernel took (the others stay dense)
+            loaded.int4_projections += sum(
+                1
+                for module in loaded.model.modules()
+                if isinstance(module, Int4Linear) and module.q4f32 is not None
+            )
     if weight_quant == "int4":
         loaded.int4_projections += loaded.model.use_int4(None, rows)
+    if exact32 and loaded.quantized_output:
+        loaded.exact_q8_lm_head = _use_exact_q8_head(source, loaded.model)
     int8_head = weight_quant == "int4" or (weight_quant == "auto" and loaded.quantized_output)
     if int8_head and device.type == "cpu" and dtype == torch.bfloat16:
         loaded.model.use_int8_lm_head()
@@ -123,6 +150,27 @@ def load_model(
             if isinstance(module, Int4Linear) and module.amx_q4 is not None
         )
     return loaded
+
+
+def _use_exact_q8_head(path: str, model: Qwen2ForCausalLM) -> bool:
+    """Put the file's own Q8_0 output projection (or tied embedding) on the exact float32
+    kernel for small batches; False when the file stores it otherwise."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)  # memory-mapped: only the output's blocks are read
+    tensors = {t.name: t for t in reader.tensors}
+    output = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    if output is None or output.tensor_type.name != "Q8_0":
+        return False
+    n, k = model.lm_head.out_features, model.lm_head.in_features
+    if n % 16 or k % GROUP:
+        return False
+    q, scale = q8_0_blocks(output.data, (n, k))
+    try:
+        model.use_exact_q8_lm_head(q, scale)
+    except ValueError:  # scales float16 does not hold: not a Q8_0 file's own
+        return False
+    return True
 
 
 def _use_amx(model: Qwen2ForCausalLM) -> int:

@@ -19,7 +19,7 @@ from inferhub.layers.activation import silu_and_mul
 from inferhub.layers.amx_linear import AMX_MAX_ROWS, AmxLinear, amx_supported
 from inferhub.layers.attention import KERNEL_BACKENDS, AttentionMetadata, paged_attention
 from inferhub.layers.norm import RMSNorm
-from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight, Int8Linear
+from inferhub.layers.quant_linear import GROUP, ExactQ8Linear, Int4Linear, Int4Weight, Int8Linear
 from inferhub.layers.rotary import RotaryEmbedding, apply_rotary
 from inferhub.models.config import ModelConfig
 
@@ -114,7 +114,9 @@ class _Q4DecodePlan:
     4-bit kernel the projections have, and the rows each one serves in the layers' own
     forward (so the one call picks the kernel the layer-by-layer path would)."""
 
-    small: torch.Tensor | None  # int64 addresses of the q4_pack'ed weights, PTRS per layer
+    small: torch.Tensor | None  # int64 addresses of the small calls' 4-bit weights (q4_pack'ed
+    # in bfloat16, q4f32_pack'ed in float32), DECODE_LAYER_PTRS per layer
+    small_kernel: int  # ... the kernel they are packed for (cpu_kernels.KERNEL_*)
     small_rows: int  # ... used by calls of at most this many rows
     tiles: torch.Tensor | None  # the same for the AMX tiles' amx_q4_pack'ed weights
     tiles_above: int  # ... used by calls of more rows than this, up to AMX_MAX_ROWS
@@ -123,12 +125,12 @@ class _Q4DecodePlan:
     caches_key: tuple[int, int] = (0, 0)
     caches: torch.Tensor | None = None
 
-    def table(self, rows: int) -> tuple[torch.Tensor, bool] | None:
-        """The weight table for a step of `rows` sequences and whether it is the tiles'."""
+    def table(self, rows: int) -> tuple[torch.Tensor, int] | None:
+        """The weight table for a step of `rows` sequences and the kernel it is packed for."""
         if self.small is not None and rows <= self.small_rows:
-            return self.small, False
+            return self.small, self.small_kernel
         if self.tiles is not None and self.tiles_above < rows <= AMX_MAX_ROWS:
-            return self.tiles, True
+            return self.tiles, cpu_kernels.KERNEL_AMX_Q4
         return None
 
 
@@ -190,7 +192,7 @@ class Qwen2ForCausalLM(nn.Module):
     def _decode_q4(
         self,
         plan: _Q4DecodePlan,
-        table: tuple[torch.Tensor, bool],
+        table: tuple[torch.Tensor, int],
         x: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[KVCache],
@@ -204,7 +206,7 @@ class Qwen2ForCausalLM(nn.Module):
             )
             plan.caches_key = key
         cfg = self.config
-        weights, amx = table
+        weights, kernel = table
         return cpu_kernels.decode_q4_layers(
             x,
             weights,
@@ -227,16 +229,18 @@ class Qwen2ForCausalLM(nn.Module):
             meta.block_size,
             self.rotary.cos_cache,
             self.rotary.sin_cache,
-            amx,
+            kernel,
         )
 
     def _plan_q4_decode(self) -> _Q4DecodePlan | None:
         """The weight tables of decode_q4_layers: one for the C 4-bit kernel when every
         projection of every layer runs small calls on it, one for the AMX tiles when every
-        projection's larger calls read 4-bit tiles; None when neither (or the norms are not
-        bfloat16, or a bias sits where the kernel takes none)."""
+        projection's larger calls read 4-bit tiles (bfloat16), or for the exact float32 4-bit
+        kernel (float32); None when neither (or the norms are not in the model's dtype, or a
+        bias sits where the kernel takes none)."""
         layers = [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
-        if not layers or self.norm.weight.dtype != torch.bfloat16:
+        dtype = self.norm.weight.dtype
+        if not layers or dtype not in (torch.bfloat16, torch.float32):
             return None
         # per layer: its four projections and its two norm weights
         parts: list[tuple[list[Int4Linear], list[torch.Tensor]]] = []
@@ -244,7 +248,7 @@ class Qwen2ForCausalLM(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             projs = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
             norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
+            if any(w.dtype != dtype or not w.is_contiguous() for w in norms):
                 return None
             if not all(isinstance(p, Int4Linear) for p in projs):
                 return None
@@ -265,11 +269,14 @@ class Qwen2ForCausalLM(nn.Module):
             assert len(addresses) == cpu_kernels.DECODE_LAYER_PTRS * len(self.layers)
             return torch.tensor(addresses, dtype=torch.int64)
 
-        small, tiles = table("q4"), table("amx_q4")
+        if dtype == torch.float32:
+            small, kernel, tiles = table("q4f32"), cpu_kernels.KERNEL_Q4_F32, None
+        else:
+            small, kernel, tiles = table("q4"), cpu_kernels.KERNEL_Q4_BF16, table("amx_q4")
         if small is None and tiles is None:
             return None
         rows = [p.max_rows for projs, _ in parts for p in projs]
-        return _Q4DecodePlan(small, min(rows), tiles, max(rows), layers[0].self_attn, keep)
+        return _Q4DecodePlan(small, kernel, min(rows), tiles, max(rows), layers[0].self_attn, keep)
 
     def set_attention_backend(self, backend: str) -> None:
         """Pick the attention backend; "triton" and "cpu" also turn on their fused RMSNorm and
@@ -286,6 +293,12 @@ class Qwen2ForCausalLM(nn.Module):
         """Small batches compute logits on 8-bit rows of the output projection (bf16 only)."""
         if isinstance(self.lm_head, nn.Linear):
             self.lm_head = Int8Linear(self.lm_head)  # type: ignore[assignment]
+
+    def use_exact_q8_lm_head(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Small float32 batches compute logits on the file's own Q8_0 blocks of the output
+        projection (exact: ExactQ8Linear)."""
+        if isinstance(self.lm_head, nn.Linear):
+            self.lm_head = ExactQ8Linear(self.lm_head, q, scale)  # type: ignore[assignment]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (N, vocab) in the model's dtype
@@ -306,15 +319,20 @@ class Qwen2ForCausalLM(nn.Module):
     }
 
     def use_int4(
-        self, weights: dict[str, Int4Weight] | None, max_rows: int, tiles: bool = True
+        self,
+        weights: dict[str, Int4Weight] | None,
+        max_rows: int,
+        tiles: bool = True,
+        exact_only: bool = False,
     ) -> int:
         """Run the projections of every layer on 4-bit weights for calls of <= max_rows rows.
 
         `weights` maps checkpoint names (model.layers.N.self_attn.q_proj.weight) to the file's
         own 4-bit blocks; a projection is converted only when all its parts are there. With
         None, every projection is quantized from its dense weight (lossy). tiles=False keeps
-        the file's blocks off the AMX tiles (the dense weights serve the larger calls).
-        Returns the number of projections converted.
+        the file's blocks off the AMX tiles (the dense weights serve the larger calls);
+        exact_only=True runs small calls on the 4-bit weights only where the kernel gives
+        the dense weights' products (Int4Linear). Returns the number of projections converted.
         """
         converted = 0
         for i, parent, attr, parts in self._projections():
@@ -328,7 +346,11 @@ class Qwen2ForCausalLM(nn.Module):
                 if not all(name in weights for name in names):
                     continue
                 int4 = Int4Weight.cat([weights[name] for name in names])
-            setattr(parent, attr, Int4Linear(linear, int4, max_rows, tiles=tiles))
+            setattr(
+                parent,
+                attr,
+                Int4Linear(linear, int4, max_rows, tiles=tiles, exact_only=exact_only),
+            )
             converted += 1
         self._q4_plan = self._plan_q4_decode()
         return converted
