@@ -80,7 +80,8 @@ def run_case(
         (28, 4, 128, 16),  # Qwen2-7B heads
         (4, 4, 32, 8),  # no GQA
         (8, 2, 96, 32),  # bf16 dot products of any multiple of 32, larger blocks
-        (6, 2, 40, 4),  # head_dim not a multiple of 16: the portable C path
+        (6, 2, 40, 4),  # head_dim not a multiple of 16: AVX2's path (or the portable one)
+        (4, 2, 36, 4),  # not a multiple of 8 either: the portable C path
     ],
 )
 @pytest.mark.parametrize(
@@ -542,7 +543,7 @@ needs_avx2 = pytest.mark.skipif(
 
 @needs_avx2
 @pytest.mark.parametrize("n,k", [(16, 32), (96, 64), (160, 1536)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 17])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 17, 64, 130])
 @pytest.mark.parametrize("q4_0", [False, True])
 def test_f32_4bit_kernel_rebuilds_the_files_float32_weights(
     n: int, k: int, m: int, q4_0: bool
@@ -554,7 +555,7 @@ def test_f32_4bit_kernel_rebuilds_the_files_float32_weights(
     dense = q.float() * d.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
     packed = cpu_kernels.q4f32_pack(q, d, offset)
     assert packed.numel() == n * k * 5 // 8
-    eye = torch.eye(k)[: max(m, 1)]
+    eye = torch.eye(k)[:m]  # fewer rows than k, or all of them
     assert torch.equal(cpu_kernels.q4f32_linear(eye, packed, n, None), dense[:, : eye.shape[0]].t())
     x = torch.randn(m, 2 * k)[:, ::2]  # a strided input too
     bias = torch.randn(n)
@@ -565,7 +566,7 @@ def test_f32_4bit_kernel_rebuilds_the_files_float32_weights(
 
 
 @needs_avx2
-@pytest.mark.parametrize("m", [1, 3, 4, 6, 13])
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 13, 100])
 def test_f32_8bit_kernel_rebuilds_a_q8_0_files_float32_weights(m: int) -> None:
     import gguf
 
@@ -579,8 +580,8 @@ def test_f32_8bit_kernel_rebuilds_a_q8_0_files_float32_weights(m: int) -> None:
     )
     q, scale = q8_0_blocks(raw, (n, k))
     packed = cpu_kernels.q8f32_pack(q, scale)
-    eye = torch.eye(k)
-    assert torch.equal(cpu_kernels.q8f32_linear(eye, packed, n, None), dense.t())
+    eye = torch.eye(k)[:m]
+    assert torch.equal(cpu_kernels.q8f32_linear(eye, packed, n, None), dense[:, :m].t())
     x = torch.randn(m, k)
     out = cpu_kernels.q8f32_linear(x, packed, n, None)
     exact = x.double() @ dense.double().t()

@@ -41,9 +41,10 @@ DEFAULT_MAX_ROWS = 8
 # at 5, 1.14x at 6 and 1.6x at 8).
 TILES_MAX_ROWS = 4
 # The same switch for the exact float32 kernel on AVX2 (csrc/lowbit_avx2.c). Measured on a
-# 2-core AMD EPYC (Zen 3), SmolLM2-135M's shapes against torch's float32 GEMV/GEMM: 2.2-2.5x
-# faster at 1 row, 3-5x at 2-4, 1.6-1.9x at 8, 1.25-1.35x at 16, 0.82-0.92x at 64.
-F32_MAX_ROWS = 16
+# 2-core AMD EPYC (Zen 3), SmolLM2-135M's shapes against torch's float32 GEMV/GEMM (MKL):
+# 2.2-2.5x faster at 1 row, 2-2.8x at 4-6, 1.2-1.6x at 16, 1.2-1.7x at 64, 1.1-1.5x at 128,
+# 1.0-1.07x at 256, 0.88-0.97x at 2048 (prefill stays dense).
+F32_MAX_ROWS = 256
 
 
 @dataclass
@@ -284,8 +285,8 @@ class Int4Linear(_LowBitLinear):
 
 # Calls of up to this many rows on ExactQ8Linear's kernel. Measured on a 2-core AMD EPYC
 # (Zen 3), SmolLM2-135M's output projection (49152 x 576) against torch's float32 product:
-# 9.2x faster at 1 row, 5.1x at 8, 3.1x at 16, 1.26x at 64.
-EXACT_Q8_MAX_ROWS = 64
+# 8.4-9.2x faster at 1 row, 3.0x at 16, 1.8x at 64, 1.3x at 128 and 256.
+EXACT_Q8_MAX_ROWS = 256
 
 
 def q8_0_blocks(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

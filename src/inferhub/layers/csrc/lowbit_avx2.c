@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define Q4F_COLS 16
 #define Q4F_GROUP 320 /* bytes per 16 columns x 32 inputs */
 
@@ -217,42 +219,160 @@ static void q8_task_any(const uint8_t *w, int64_t groups, const float *x, int64_
     }
 }
 
-/* Tasks of 16 columns x 4 rows over the threads (guided: this VM's cores run at uneven
- * speeds), each through the whole depth. */
-static int lowbit_f32(task_fn task, int64_t group_bytes, const float *x, int64_t m, int64_t k,
-                      int64_t x_stride, const uint8_t *packed, int64_t n, const float *bias,
-                      float *out, int num_threads) {
+/* One task's 16 columns over all k as float32, buf[k][16] (the same numbers the tasks above
+ * compute with). */
+static void q4_panel(const uint8_t *w, int64_t groups, float *buf) {
+    const __m256i low = _mm256_set1_epi32(15);
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *base = w + g * Q4F_GROUP;
+        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)base));
+        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)base + 1));
+        const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)base + 2));
+        const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)base + 3));
+        float *b = buf + g * 32 * Q4F_COLS;
+        for (int p = 0; p < 16; p++) {
+            const uint8_t *chunk = base + 64 + 16 * p;
+            const __m256i r0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)chunk));
+            const __m256i r1 =
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(chunk + 8)));
+            float *lo = b + p * Q4F_COLS, *hi = b + (p + 16) * Q4F_COLS;
+            _mm256_storeu_ps(lo, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(r0, low)),
+                                                 d0, m0));
+            _mm256_storeu_ps(lo + 8, _mm256_fmadd_ps(
+                                         _mm256_cvtepi32_ps(_mm256_and_si256(r1, low)), d1, m1));
+            _mm256_storeu_ps(hi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r0, 4)),
+                                                 d0, m0));
+            _mm256_storeu_ps(hi + 8, _mm256_fmadd_ps(
+                                         _mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 4)), d1, m1));
+        }
+    }
+}
+
+static void q8_panel(const uint8_t *w, int64_t groups, float *buf) {
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *base = w + g * Q8F_GROUP;
+        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)base));
+        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)base + 1));
+        float *b = buf + g * 32 * Q4F_COLS;
+        for (int i = 0; i < 32; i++) {
+            const uint8_t *row = base + 32 + i * Q4F_COLS;
+            const __m256i q0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row));
+            const __m256i q1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8)));
+            _mm256_storeu_ps(b + i * Q4F_COLS, _mm256_mul_ps(_mm256_cvtepi32_ps(q0), d0));
+            _mm256_storeu_ps(b + i * Q4F_COLS + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(q1), d1));
+        }
+    }
+}
+
+/* RB (<= 6) rows of x against a panel's 16 columns: twelve sums in registers, two weight
+ * vectors loaded and RB values broadcast per input. */
+static inline __attribute__((always_inline)) void panel_rows(const float *buf, int64_t k,
+                                                             const float *x, int64_t x_stride,
+                                                             const int RB, float *out,
+                                                             int64_t out_stride) {
+    __m256 acc[6][2];
+    for (int r = 0; r < 6; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i++) {
+        const __m256 w0 = _mm256_loadu_ps(buf + i * Q4F_COLS);
+        const __m256 w1 = _mm256_loadu_ps(buf + i * Q4F_COLS + 8);
+        for (int r = 0; r < RB; r++) {
+            const __m256 xb = _mm256_broadcast_ss(x + r * x_stride + i);
+            acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < RB; r++) {
+        _mm256_storeu_ps(out + r * out_stride, acc[r][0]);
+        _mm256_storeu_ps(out + r * out_stride + 8, acc[r][1]);
+    }
+}
+
+typedef void (*panel_fn)(const uint8_t *w, int64_t groups, float *buf);
+
+/* From this many rows on, a task rebuilds its 16 columns once into a float32 panel and runs
+ * six rows at a time over it, instead of rebuilding the weights per four rows. */
+#ifndef PANEL_MIN_ROWS
+#define PANEL_MIN_ROWS 5
+#endif
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES 262144
+#endif
+
+/* Tasks of 16 columns (x 4 rows, or x a chunk of rows on a panel) over the threads (guided:
+ * this VM's cores run at uneven speeds), each through the whole depth. */
+static int lowbit_f32(task_fn task, panel_fn panel, int64_t group_bytes, const float *x,
+                      int64_t m, int64_t k, int64_t x_stride, const uint8_t *packed, int64_t n,
+                      const float *bias, float *out, int num_threads) {
     if (n % Q4F_COLS || k % 32) return -2;
     const int64_t groups = k / 32, tasks = n / Q4F_COLS;
-    const int64_t row_blocks = (m + 3) / 4;
     const int parallel = num_threads > 1 && n * k >= 65536;
+    if (m < PANEL_MIN_ROWS) {
+        const int64_t row_blocks = (m + 3) / 4;
 #pragma omp parallel for num_threads(num_threads) if (parallel) schedule(guided)
-    for (int64_t it = 0; it < tasks * row_blocks; it++) {
-        const int64_t t = it / row_blocks, r0 = (it % row_blocks) * 4;
-        const int R = (int)(m - r0 < 4 ? m - r0 : 4);
-        float *o = out + r0 * n + t * Q4F_COLS;
-        task(packed + t * groups * group_bytes, groups, x + r0 * x_stride, x_stride, R, o, n);
-        if (bias)
-            for (int r = 0; r < R; r++)
-                for (int c = 0; c < Q4F_COLS; c++) o[r * n + c] += bias[t * Q4F_COLS + c];
+        for (int64_t it = 0; it < tasks * row_blocks; it++) {
+            const int64_t t = it / row_blocks, r0 = (it % row_blocks) * 4;
+            const int R = (int)(m - r0 < 4 ? m - r0 : 4);
+            float *o = out + r0 * n + t * Q4F_COLS;
+            task(packed + t * groups * group_bytes, groups, x + r0 * x_stride, x_stride, R, o,
+                 n);
+            if (bias)
+                for (int r = 0; r < R; r++)
+                    for (int c = 0; c < Q4F_COLS; c++) o[r * n + c] += bias[t * Q4F_COLS + c];
+        }
+        return 0;
     }
-    return 0;
+    /* rows in chunks of equal size whose x stays in L2 (at most CHUNK_BYTES) while the
+     * tasks sweep over it */
+    int64_t most = CHUNK_BYTES / (k * (int64_t)sizeof(float));
+    if (most < 6) most = 6;
+    const int64_t chunks = (m + most - 1) / most;
+    const int64_t chunk = ((m + chunks - 1) / chunks + 5) / 6 * 6;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) if (parallel) reduction(| : failed)
+    {
+        float *buf = thread_scratch(0, (size_t)(k * Q4F_COLS) * sizeof(float));
+        if (!buf) failed = 1;
+#pragma omp for schedule(guided)
+        for (int64_t it = 0; it < chunks * tasks; it++) {
+            if (failed) continue;
+            const int64_t c = it / tasks, t = it % tasks;
+            const int64_t r_end = (c + 1) * chunk < m ? (c + 1) * chunk : m;
+            panel(packed + t * groups * group_bytes, groups, buf);
+            for (int64_t r0 = c * chunk; r0 < r_end; r0 += 6) {
+                const float *xr = x + r0 * x_stride;
+                float *o = out + r0 * n + t * Q4F_COLS;
+                switch (r_end - r0 < 6 ? r_end - r0 : 6) {
+                case 1: panel_rows(buf, k, xr, x_stride, 1, o, n); break;
+                case 2: panel_rows(buf, k, xr, x_stride, 2, o, n); break;
+                case 3: panel_rows(buf, k, xr, x_stride, 3, o, n); break;
+                case 4: panel_rows(buf, k, xr, x_stride, 4, o, n); break;
+                case 5: panel_rows(buf, k, xr, x_stride, 5, o, n); break;
+                default: panel_rows(buf, k, xr, x_stride, 6, o, n); break;
+                }
+            }
+            if (bias)
+                for (int64_t r = c * chunk; r < r_end; r++)
+                    for (int j = 0; j < Q4F_COLS; j++)
+                        out[r * n + t * Q4F_COLS + j] += bias[t * Q4F_COLS + j];
+        }
+    }
+    return failed ? -1 : 0;
 }
 
 /* out (m, n) float32 = x (m, k) float32 @ w^T (+ bias), w packed by inferhub_q8f32_pack. */
 int inferhub_q8f32_linear(const float *x, int64_t m, int64_t k, int64_t x_stride,
                           const uint8_t *packed, int64_t n, const float *bias, float *out,
                           int num_threads) {
-    return lowbit_f32(q8_task_any, Q8F_GROUP, x, m, k, x_stride, packed, n, bias, out,
-                      num_threads);
+    return lowbit_f32(q8_task_any, q8_panel, Q8F_GROUP, x, m, k, x_stride, packed, n, bias,
+                      out, num_threads);
 }
 
 /* out (m, n) float32 = x (m, k) float32 @ w^T (+ bias), w packed by inferhub_q4f32_pack. */
 int inferhub_q4f32_linear(const float *x, int64_t m, int64_t k, int64_t x_stride,
                           const uint8_t *packed, int64_t n, const float *bias, float *out,
                           int num_threads) {
-    return lowbit_f32(q4_task_any, Q4F_GROUP, x, m, k, x_stride, packed, n, bias, out,
-                      num_threads);
+    return lowbit_f32(q4_task_any, q4_panel, Q4F_GROUP, x, m, k, x_stride, packed, n, bias,
+                      out, num_threads);
 }
 
 #else /* no AVX2/FMA/F16C: the layers keep torch's kernels (q4f32_available() is false) */
