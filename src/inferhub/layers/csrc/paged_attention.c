@@ -14,7 +14,8 @@
  * dtype: 0 = float32, 1 = bfloat16 (for q, caches and out alike).
  *
  * bfloat16 with head_dim a multiple of 32 (every model we serve) takes attend_bf16, the
- * others attend_avx512 or the portable attend_one. A 64-sequence decode step of SmolLM2
+ * others attend_avx512; CPUs without AVX-512 (AMD Zen 2/3) take attend_avx2 (head_dim a
+ * multiple of 8), and the rest the portable attend_one. A 64-sequence decode step of SmolLM2
  * (192 positions each, 30 layers' caches, scattered blocks) took 0.9-1.2 ms per layer with
  * attend_avx512 and 0.67-0.78 ms with attend_bf16 (same runs, docs/benchmarks.md).
  * attend_bf16 finishes 16 positions' dot products with one transposed reduction instead of 16
@@ -44,6 +45,16 @@ static inline void store_row(void *dst, int64_t index, int64_t n, int dtype, con
         for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
     } else {
         memcpy((float *)dst + index, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* Element offsets of the cache rows of positions [0, ctx), through the block table. */
+static inline void row_offsets(const int32_t *table, int64_t ctx, int64_t block_size,
+                               int64_t row_stride, int64_t *rows) {
+    for (int64_t t0 = 0, bi = 0; t0 < ctx; t0 += block_size, bi++) {
+        const int64_t base = (int64_t)table[bi] * block_size;
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) rows[t0 + j] = (base + j) * row_stride;
     }
 }
 
@@ -188,15 +199,6 @@ static inline __attribute__((always_inline)) __m512 reduce16(const __m512 *v) {
 #define prefetch_row(p, bytes, hint)                                                       \
     for (int64_t o_ = 0; o_ < (bytes); o_ += 64) _mm_prefetch((const char *)(p) + o_, hint)
 
-/* Element offsets of the cache rows of positions [0, ctx), through the block table. */
-static inline void row_offsets(const int32_t *table, int64_t ctx, int64_t block_size,
-                               int64_t row_stride, int64_t *rows) {
-    for (int64_t t0 = 0, bi = 0; t0 < ctx; t0 += block_size, bi++) {
-        const int64_t base = (int64_t)table[bi] * block_size;
-        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
-        for (int64_t j = 0; j < n; j++) rows[t0 + j] = (base + j) * row_stride;
-    }
-}
 
 /* Like attend_avx512, for bfloat16 with head_dim = 32 * NQ: q . k with bf16 dot products
  * (exact products, float32 sums; subnormals count as zero) over 16 positions at a time, finished by one transposed
@@ -308,6 +310,167 @@ static inline __attribute__((always_inline)) void attend_bf16(
                 store16(o, 32 * c + 16, _mm512_permutex2var_ps(e, hi, d), 1);
             }
         }
+    }
+}
+#endif
+
+#if !defined(HAVE_AVX512) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2_ATTN 1
+#define MAX_C8 32 /* head_dim up to 256, in pieces of 8 */
+
+/* 8 values of a row at element `index` as float32 lanes (dtype 1: bfloat16). */
+static inline __attribute__((always_inline)) __m256 load8(const void *src, int64_t index,
+                                                          int dtype) {
+    if (dtype == 1) {
+        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + index));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)src + index);
+}
+
+/* exp(x) for x <= 0 as exp512 computes it (2^n * e^g, Taylor to degree 7); 0 below -87. */
+static inline __m256 exp256(__m256 x) {
+    const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 g = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.69314718055994531f));
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* Lane j of the result is the sum of the 8 lanes of a[j] (a transposed reduction). */
+static inline __attribute__((always_inline)) __m256 reduce8(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline float hsum8(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+#define prefetch_row8(p, bytes)                                                            \
+    for (int64_t o_ = 0; o_ < (bytes); o_ += 64) _mm_prefetch((const char *)(p) + o_, _MM_HINT_T0)
+
+/* Like attend_avx512 with AVX2 (CPUs without AVX-512), head_dim = 8 * NC, float32 or
+ * bfloat16 caches: kv heads [kh0, kh0 + nkh) of one sequence, each cache row walked whole;
+ * q . k over 8 positions at a time finished by one transposed reduction; p . v with the
+ * sums of 16 positions kept in registers; rows asked for 16 positions ahead. */
+static inline __attribute__((always_inline)) void attend_avx2(
+    const void *q, const void *k_cache, const void *v_cache, const int32_t *table, int64_t ctx,
+    int64_t q_seq, void *out, int64_t seq_head0, int64_t kh0, int64_t nkh, int64_t group,
+    const int64_t NC, int64_t block_size, int64_t row_stride, int64_t max_ctx, float scale,
+    const int dtype, float *qf, float *acc, float *scores, float *inv_sum, int64_t *rows) {
+    const int64_t head_dim = 8 * NC, nh = nkh * group;
+    const int64_t elem = dtype == 1 ? 2 : 4, row_bytes = nkh * head_dim * elem;
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (int64_t h = 0; h < nh; h++)
+        for (int64_t c = 0; c < NC; c++)
+            _mm256_storeu_ps(qf + h * head_dim + c * 8,
+                             _mm256_mul_ps(load8(q, q_seq + (kh0 * group + h) * head_dim + c * 8,
+                                                 dtype),
+                                           vscale));
+    row_offsets(table, ctx, block_size, row_stride, rows);
+    const char *kc = (const char *)k_cache, *vc = (const char *)v_cache;
+    for (int64_t j = 0; j < 16 && j < ctx; j++)
+        prefetch_row8(kc + (rows[j] + kh0 * head_dim) * elem, row_bytes);
+    for (int64_t t0 = 0; t0 < ctx; t0 += 8) {
+        const int64_t m = ctx - t0 < 8 ? ctx - t0 : 8;
+        for (int64_t j = t0 + 16; j < t0 + 16 + m && j < ctx; j++)
+            prefetch_row8(kc + (rows[j] + kh0 * head_dim) * elem, row_bytes);
+        for (int64_t kv = 0; kv < nkh; kv++)
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t h = kv * group + g;
+                const float *qh = qf + h * head_dim;
+                __m256 a[8];
+                for (int64_t p = 0; p < m; p++) {
+                    const int64_t at = rows[t0 + p] + (kh0 + kv) * head_dim;
+                    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qh), load8(k_cache, at, dtype));
+                    for (int64_t c = 1; c < NC; c++)
+                        s = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c * 8),
+                                            load8(k_cache, at + c * 8, dtype), s);
+                    a[p] = s;
+                }
+                if (m == 8) {
+                    _mm256_storeu_ps(scores + h * max_ctx + t0, reduce8(a));
+                } else {
+                    for (int64_t p = 0; p < m; p++) scores[h * max_ctx + t0 + p] = hsum8(a[p]);
+                }
+            }
+    }
+    for (int64_t h = 0; h < nh; h++) {
+        float *s = scores + h * max_ctx;
+        __m256 vm = _mm256_set1_ps(-INFINITY);
+        int64_t t = 0;
+        for (; t + 8 <= ctx; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + t));
+        float mx = -INFINITY;
+        float lanes[8];
+        _mm256_storeu_ps(lanes, vm);
+        for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+        for (int64_t u = t; u < ctx; u++) mx = s[u] > mx ? s[u] : mx;
+        const __m256 vmax = _mm256_set1_ps(mx);
+        __m256 vsum = _mm256_setzero_ps();
+        for (t = 0; t + 8 <= ctx; t += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmax));
+            _mm256_storeu_ps(s + t, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum8(vsum);
+        if (t < ctx) {
+            float tail[8] = {0};
+            for (int64_t u = t; u < ctx; u++) tail[u - t] = s[u] - mx;
+            const __m256 e = exp256(_mm256_loadu_ps(tail));
+            _mm256_storeu_ps(tail, e);
+            for (int64_t u = t; u < ctx; u++) {
+                s[u] = tail[u - t];
+                sum += tail[u - t];
+            }
+        }
+        inv_sum[h] = 1.0f / sum;
+    }
+    for (int64_t i = 0; i < nh * head_dim; i++) acc[i] = 0.0f;
+    for (int64_t j = 0; j < 16 && j < ctx; j++)
+        prefetch_row8(vc + (rows[j] + kh0 * head_dim) * elem, row_bytes);
+    for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
+        const int64_t m = ctx - t0 < 16 ? ctx - t0 : 16;
+        for (int64_t j = t0 + 16; j < t0 + 16 + m && j < ctx; j++)
+            prefetch_row8(vc + (rows[j] + kh0 * head_dim) * elem, row_bytes);
+        for (int64_t kv = 0; kv < nkh; kv++)
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t h = kv * group + g;
+                float *ah = acc + h * head_dim;
+                __m256 r[MAX_C8];
+                for (int64_t c = 0; c < NC; c++) r[c] = _mm256_loadu_ps(ah + c * 8);
+                for (int64_t p = 0; p < m; p++) {
+                    const __m256 pb = _mm256_set1_ps(scores[h * max_ctx + t0 + p]);
+                    const int64_t at = rows[t0 + p] + (kh0 + kv) * head_dim;
+                    for (int64_t c = 0; c < NC; c++)
+                        r[c] = _mm256_fmadd_ps(pb, load8(v_cache, at + c * 8, dtype), r[c]);
+                }
+                for (int64_t c = 0; c < NC; c++) _mm256_storeu_ps(ah + c * 8, r[c]);
+            }
+    }
+    for (int64_t h = 0; h < nh; h++) {
+        float *ah = acc + h * head_dim;
+        const __m256 r = _mm256_set1_ps(inv_sum[h]);
+        for (int64_t c = 0; c < NC; c++)
+            _mm256_storeu_ps(ah + c * 8, _mm256_mul_ps(_mm256_loadu_ps(ah + c * 8), r));
+        store_row(out, (seq_head0 + kh0 * group + h) * head_dim, head_dim, dtype, ah);
     }
 }
 #endif
@@ -430,6 +593,28 @@ int inferhub_paged_decode_attention(const void *q, const void *k_cache, const vo
                     attend_bf16(qq, kc, vc, table, ctx, b * q_stride, out, b * num_heads, kh0,
                                 per_item, group, head_dim / 32, block_size, row_stride, max_ctx,
                                 scale, scores, inv_sum, rows);
+                continue;
+            }
+#endif
+#ifdef HAVE_AVX2_ATTN
+            if (head_dim % 8 == 0 && head_dim <= 8 * MAX_C8) {
+                const int64_t h0 = b * num_heads;
+                if (dtype == 1 && head_dim == 64)
+                    attend_avx2(q, k_cache, v_cache, table, ctx, b * q_stride, out, h0, kh0,
+                                per_item, group, 8, block_size, row_stride, max_ctx, scale, 1,
+                                qf, acc, scores, inv_sum, rows);
+                else if (dtype == 1)
+                    attend_avx2(q, k_cache, v_cache, table, ctx, b * q_stride, out, h0, kh0,
+                                per_item, group, head_dim / 8, block_size, row_stride, max_ctx,
+                                scale, 1, qf, acc, scores, inv_sum, rows);
+                else if (head_dim == 64)
+                    attend_avx2(q, k_cache, v_cache, table, ctx, b * q_stride, out, h0, kh0,
+                                per_item, group, 8, block_size, row_stride, max_ctx, scale, 0,
+                                qf, acc, scores, inv_sum, rows);
+                else
+                    attend_avx2(q, k_cache, v_cache, table, ctx, b * q_stride, out, h0, kh0,
+                                per_item, group, head_dim / 8, block_size, row_stride, max_ctx,
+                                scale, 0, qf, acc, scores, inv_sum, rows);
                 continue;
             }
 #endif
