@@ -43,8 +43,11 @@ TILES_MAX_ROWS = 4
 # The same switch for the exact float32 kernel on AVX2 (csrc/lowbit_avx2.c). Measured on a
 # 2-core AMD EPYC (Zen 3), SmolLM2-135M's shapes against torch's float32 GEMV/GEMM (MKL):
 # 2.2-2.5x faster at 1 row, 2-2.8x at 4-6, 1.2-1.6x at 16, 1.2-1.7x at 64, 1.1-1.5x at 128,
-# 1.0-1.07x at 256, 0.88-0.97x at 2048 (prefill stays dense).
-F32_MAX_ROWS = 256
+# 1.0-1.07x at 256, 0.88-0.97x at 2048 (prefill stays dense). With AVX-512, torch's float32
+# GEMM is twice as wide as this AVX2 kernel (not measured against it): there the kernel keeps
+# to calls of GEMV size, where reading 4 bits a weight instead of 32 decides.
+_AVX512 = "avx512f" in cpu_kernels._cpu_signature().split()
+F32_MAX_ROWS = 8 if _AVX512 else 256
 
 
 @dataclass
@@ -285,8 +288,9 @@ class Int4Linear(_LowBitLinear):
 
 # Calls of up to this many rows on ExactQ8Linear's kernel. Measured on a 2-core AMD EPYC
 # (Zen 3), SmolLM2-135M's output projection (49152 x 576) against torch's float32 product:
-# 8.4-9.2x faster at 1 row, 3.0x at 16, 1.8x at 64, 1.3x at 128 and 256.
-EXACT_Q8_MAX_ROWS = 256
+# 8.4-9.2x faster at 1 row, 3.0x at 16, 1.8x at 64, 1.3x at 128 and 256 (with AVX-512: as
+# F32_MAX_ROWS).
+EXACT_Q8_MAX_ROWS = 8 if _AVX512 else 256
 
 
 def q8_0_blocks(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
