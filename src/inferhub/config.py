@@ -30,9 +30,11 @@ class EngineConfig:
     # (lossy); none = dense arithmetic only (the default: in bf16 the low-bit kernels round
     # differently from the dense ones, so a request's greedy text could depend on how many
     # others share its batch). AMX tiles read a Q4 file's blocks in every mode: they rebuild
-    # the dense bfloat16 weights exactly, so that changes no result.
+    # the dense bfloat16 weights exactly, so that changes no result; so do the float32 AVX2
+    # kernels on a file's Q4_0/Q4_1 projections and Q8_0 output projection.
     weight_quant: str = "none"
-    # None: 4 when AMX tiles read the file's 4 bits for larger calls, else 8 (measured)
+    # None: 4 when AMX tiles read the file's 4 bits for larger calls, else 8; the exact float32
+    # kernels 256 (8 with AVX-512) (measured); 0: no small-call kernel at all
     int4_max_rows: int | None = None
     cuda_graphs: bool = True  # record decode steps as CUDA graphs (CUDA + triton backend)
     show_progress: bool = True

@@ -557,7 +557,7 @@ def test_f32_4bit_kernel_rebuilds_the_files_float32_weights(
     assert packed.numel() == n * k * 5 // 8
     eye = torch.eye(k)[:m]  # fewer rows than k, or all of them
     assert torch.equal(cpu_kernels.q4f32_linear(eye, packed, n, None), dense[:, : eye.shape[0]].t())
-    x = torch.randn(m, 2 * k)[:, ::2]  # a strided input too
+    x = torch.randn(m, 2 * k)[:, :k]  # rows 2k apart, as a slice of a wider output
     bias = torch.randn(n)
     out = cpu_kernels.q4f32_linear(x, packed, n, bias)
     assert out.dtype == torch.float32 and out.shape == (m, n)
@@ -567,12 +567,12 @@ def test_f32_4bit_kernel_rebuilds_the_files_float32_weights(
 
 @needs_avx2
 @pytest.mark.parametrize("m", [1, 3, 4, 6, 13, 100])
-def test_f32_8bit_kernel_rebuilds_a_q8_0_files_float32_weights(m: int) -> None:
+@pytest.mark.parametrize("n,k", [(48, 96), (256, 320)])  # the second: the threads' path
+def test_f32_8bit_kernel_rebuilds_a_q8_0_files_float32_weights(m: int, n: int, k: int) -> None:
     import gguf
 
     from inferhub.layers.quant_linear import q8_0_blocks
 
-    n, k = 48, 96
     w = torch.randn(n, k).numpy()
     raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
     dense = torch.from_numpy(
@@ -583,8 +583,9 @@ def test_f32_8bit_kernel_rebuilds_a_q8_0_files_float32_weights(m: int) -> None:
     eye = torch.eye(k)[:m]
     assert torch.equal(cpu_kernels.q8f32_linear(eye, packed, n, None), dense[:, :m].t())
     x = torch.randn(m, k)
-    out = cpu_kernels.q8f32_linear(x, packed, n, None)
-    exact = x.double() @ dense.double().t()
+    bias = torch.randn(n)
+    out = cpu_kernels.q8f32_linear(x, packed, n, bias)
+    exact = x.double() @ dense.double().t() + bias.double()
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max())
 
 
@@ -597,7 +598,12 @@ def test_f32_low_bit_packing_refuses_what_it_cannot_hold() -> None:
         cpu_kernels.q4f32_pack(q[:24], d[:24], offset[:24])
     with pytest.raises(ValueError, match="8-bit packing"):
         cpu_kernels.q8f32_pack(torch.zeros(16, 40, dtype=torch.int8), torch.ones(16, 1))
+    packed = cpu_kernels.q4f32_pack(q, d, offset)
     with pytest.raises(TypeError, match="float32"):
+        cpu_kernels.q4f32_linear(torch.ones(1, 64, dtype=torch.bfloat16), packed, 32, None)
+    with pytest.raises(TypeError, match="bias"):
         cpu_kernels.q4f32_linear(
-            torch.ones(1, 64, dtype=torch.bfloat16), cpu_kernels.q4f32_pack(q, d, offset), 32, None
+            torch.ones(1, 64), packed, 32, torch.ones(32, dtype=torch.bfloat16)
         )
+    with pytest.raises(ValueError, match="width 96"):
+        cpu_kernels.q4f32_linear(torch.ones(1, 96), packed, 32, None)

@@ -278,7 +278,7 @@ def test_4bit_tiles_are_skipped_when_the_unpacked_blocks_would_not_fit(
 
 
 def test_the_4bit_kernels_row_limit_defaults_by_what_serves_larger_calls(
-    q4: dict[str, Path],
+    q4: dict[str, Path], tmp_path: Path
 ) -> None:
     """weight_quant auto: the 4-bit kernel takes calls of up to 4 rows when AMX tiles on the
     file's 4 bits take the larger ones (where the tiles are faster from 5 rows), up to 8 when
@@ -292,6 +292,9 @@ def test_the_4bit_kernels_row_limit_defaults_by_what_serves_larger_calls(
     # float32: the exact AVX2 kernel's limit where it runs
     expected = F32_MAX_ROWS if cpu_kernels.q4f32_available() else DEFAULT_MAX_ROWS
     assert {p.max_rows for p in int4_layers(load(path, int4_max_rows=None))} == {expected}
+    # ... but weights quantized here (no file blocks: a lossy kernel) keep the dense limit
+    lossy = load(make_tiny_gguf(tmp_path, "llama"), weight_quant="int4", int4_max_rows=None)
+    assert {(p.q4f32, p.max_rows) for p in int4_layers(lossy)} == {(None, DEFAULT_MAX_ROWS)}
     explicit = load(path, torch.bfloat16, int4_max_rows=6)
     assert {p.max_rows for p in int4_layers(explicit)} == {6}
 

@@ -403,6 +403,10 @@ def _linear(
     and out in `dtype`."""
     if x.dtype != dtype:
         raise TypeError(f"the {what} kernel takes {dtype} inputs, not {x.dtype}")
+    if bias is not None and (bias.dtype != dtype or bias.numel() != n):
+        raise TypeError(
+            f"the {what} kernel takes a bias of {n} {dtype}, not {bias.dtype} {bias.shape}"
+        )
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -489,6 +493,8 @@ def q4f32_linear(
     x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x (M, K) float32 @ the q4f32_pack'ed (N, K) weight^T (+ bias): (M, N) float32."""
+    if packed.numel() != n * x.shape[-1] * 5 // 8:
+        raise ValueError(f"x of width {x.shape[-1]} for a 4-bit weight of {packed.numel()} bytes")
     return _linear(_lib().inferhub_q4f32_linear, "4-bit", x, (packed,), n, bias, torch.float32)
 
 
@@ -512,6 +518,8 @@ def q8f32_linear(
     x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x (M, K) float32 @ the q8f32_pack'ed (N, K) weight^T (+ bias): (M, N) float32."""
+    if packed.numel() != n * x.shape[-1] * 17 // 16:
+        raise ValueError(f"x of width {x.shape[-1]} for an 8-bit weight of {packed.numel()} bytes")
     return _linear(_lib().inferhub_q8f32_linear, "8-bit", x, (packed,), n, bias, torch.float32)
 
 

@@ -206,10 +206,11 @@ class Int4Linear(_LowBitLinear):
         weight: Int4Weight,
         max_rows: int,
         tiles: bool = True,
-        exact_only: bool = False,
+        exact_rows: int = 0,
     ) -> None:
-        """exact_only: small calls use only a kernel that gives the dense weights' products
-        (the float32 AVX2 one on a file's own blocks); without it, they stay dense."""
+        """max_rows: the small calls' limit on a lossy 4-bit kernel (0: none); exact_rows:
+        the limit on the float32 AVX2 kernel, which gives the dense weights' products from a
+        file's own blocks (0: not that kernel). One of the two applies, the exact one first."""
         n, k = weight.shape
         if (linear.out_features, linear.in_features) != (n, k):
             raise ValueError(
@@ -225,7 +226,22 @@ class Int4Linear(_LowBitLinear):
                 self.amx_q4 = cpu_kernels.amx_q4_pack(weight.q, weight.scale, weight.offset)
             except ValueError:  # scales that float16 cannot hold: the dense weight serves
                 self.amx_q4 = None
+        if (
+            exact_rows > 0
+            and dtype == torch.float32
+            and device.type == "cpu"
+            and weight.offset is not None
+            and n % 16 == 0
+            and cpu_kernels.q4f32_available()
+        ):
+            try:
+                self.q4f32 = cpu_kernels.q4f32_pack(weight.q, weight.scale, weight.offset)
+                self.max_rows = exact_rows
+                return
+            except ValueError:  # scales float16 does not hold: not the file's own blocks
+                pass
         if max_rows <= 0:
+            self.max_rows = 0
             return
         if (
             dtype == torch.bfloat16
@@ -234,21 +250,6 @@ class Int4Linear(_LowBitLinear):
             and cpu_kernels.lowbit_available()
         ):
             self.q4 = cpu_kernels.q4_pack(weight.q, weight.scale, weight.zero)
-            return
-        if (
-            dtype == torch.float32
-            and device.type == "cpu"
-            and weight.offset is not None
-            and n % 16 == 0
-            and cpu_kernels.q4f32_available()
-        ):
-            try:
-                self.q4f32 = cpu_kernels.q4f32_pack(weight.q, weight.scale, weight.offset)
-                return
-            except ValueError:  # scales float16 does not hold: not the file's own blocks
-                pass
-        if exact_only:
-            self.max_rows = 0
             return
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
         # The kernel takes (K // GROUP, N, 2): scale and zero of each group, in the input dtype.

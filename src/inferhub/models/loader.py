@@ -64,7 +64,11 @@ def load_model(
     4-bit kernels, used by calls of at most `int4_max_rows` rows (the dense weights serve
     larger ones), and in bfloat16 computes small batches' logits on 8-bit rows when the file
     stores the output projection quantized; "int4" also quantizes every other projection and
-    the output projection (lossy); "none" (the default, as in EngineConfig) runs dense only.
+    the output projection (lossy); "none" (the default, as in EngineConfig) adds no lossy
+    kernel. Whatever it says, kernels that rebuild a GGUF file's dense weights exactly from
+    its blocks serve where they run: AMX tiles in bfloat16, and in float32 the AVX2 kernels
+    on Q4_0/Q4_1 projections and a Q8_0 output projection (calls of up to F32_MAX_ROWS rows,
+    or `int4_max_rows`; 0 turns them off).
     """
     if weight_quant not in ("auto", "none", "int4"):
         raise ValueError(f"weight_quant must be auto, none or int4, not {weight_quant!r}")
@@ -116,14 +120,15 @@ def load_model(
             int4 if keep or tiles or exact32 else None,
         )
     # by default the 4-bit kernel takes calls of up to TILES_MAX_ROWS rows when the file's
-    # 4-bit tiles serve the larger ones (AMX), F32_MAX_ROWS for the exact float32 kernel,
-    # else up to DEFAULT_MAX_ROWS (dense above)
+    # 4-bit tiles serve the larger ones (AMX), else up to DEFAULT_MAX_ROWS (dense above); the
+    # exact float32 kernel up to F32_MAX_ROWS
     rows = int4_max_rows
     if rows is None:
-        rows = TILES_MAX_ROWS if tiles else F32_MAX_ROWS if exact32 else DEFAULT_MAX_ROWS
+        rows = TILES_MAX_ROWS if tiles else DEFAULT_MAX_ROWS
+    exact_rows = F32_MAX_ROWS if int4_max_rows is None else int4_max_rows
     if int4:
         converted = loaded.model.use_int4(
-            int4, rows if keep or exact32 else 0, tiles=tiles, exact_only=not keep
+            int4, rows if keep else 0, tiles=tiles, exact_rows=exact_rows if exact32 else 0
         )
         int4.clear()  # packed now: the unpacked blocks (a byte a weight) can go
         if keep:

@@ -323,7 +323,7 @@ class Qwen2ForCausalLM(nn.Module):
         weights: dict[str, Int4Weight] | None,
         max_rows: int,
         tiles: bool = True,
-        exact_only: bool = False,
+        exact_rows: int = 0,
     ) -> int:
         """Run the projections of every layer on 4-bit weights for calls of <= max_rows rows.
 
@@ -331,8 +331,8 @@ class Qwen2ForCausalLM(nn.Module):
         own 4-bit blocks; a projection is converted only when all its parts are there. With
         None, every projection is quantized from its dense weight (lossy). tiles=False keeps
         the file's blocks off the AMX tiles (the dense weights serve the larger calls);
-        exact_only=True runs small calls on the 4-bit weights only where the kernel gives
-        the dense weights' products (Int4Linear). Returns the number of projections converted.
+        exact_rows > 0 runs small calls of up to that many rows on the kernel that gives the
+        dense weights' products where it takes the file's blocks (Int4Linear). Returns the number of projections converted.
         """
         converted = 0
         for i, parent, attr, parts in self._projections():
@@ -349,7 +349,7 @@ class Qwen2ForCausalLM(nn.Module):
             setattr(
                 parent,
                 attr,
-                Int4Linear(linear, int4, max_rows, tiles=tiles, exact_only=exact_only),
+                Int4Linear(linear, int4, max_rows, tiles=tiles, exact_rows=exact_rows),
             )
             converted += 1
         self._q4_plan = self._plan_q4_decode()

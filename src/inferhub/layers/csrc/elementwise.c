@@ -169,6 +169,18 @@ int inferhub_silu_and_mul(const void *gate_up, void *out, int64_t rows, int64_t 
             const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(one, e)), dtype);
             store16(out, o0 + i, _mm512_mul_ps(s, load16(gate_up, u0 + i, dtype)), dtype);
         }
+#elif defined(HAVE_AVX2)
+        if (dtype == 0) { /* float32 (CPUs without AVX-512 run float32 models) */
+            const float *gu = (const float *)gate_up;
+            float *o = (float *)out;
+            const __m256 one = _mm256_set1_ps(1.0f);
+            for (; i + 8 <= inter; i += 8) {
+                const __m256 g = _mm256_loadu_ps(gu + g0 + i);
+                const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                const __m256 sv = _mm256_div_ps(g, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(o + o0 + i, _mm256_mul_ps(sv, _mm256_loadu_ps(gu + u0 + i)));
+            }
+        }
 #endif
         for (; i < inter; i++) {
             const float g = load(gate_up, g0 + i, dtype);

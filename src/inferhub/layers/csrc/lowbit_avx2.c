@@ -5,8 +5,8 @@
  * Exact: GGUF's Q4_0/Q4_1 blocks dequantize as w = d * q + m in float32 (d, m float16, q
  * 0..15; Q4_0's m is -8 d), and d * q is exact in float32 (11 + 4 significant bits), so
  * fma(q, d, m) rounds once where the file's dequantization rounds once: the kernel rebuilds
- * the very float32 weights the dense model holds, and only the order of the float32 sums of
- * x . w differs from torch's GEMV.
+ * the float32 weights the dense model holds (the same values; a zero may differ in sign when
+ * d is zero), and only the order of the float32 sums of x . w differs from torch's GEMV.
  *
  * Packed once at load, per 16 output columns (a task) and group of 32 inputs, 320 bytes:
  * the 16 d then the 16 m as float16 (64 bytes), then 32 chunks of 8 bytes; chunk
@@ -78,12 +78,34 @@ void inferhub_q8f32_pack(const int8_t *q, const uint16_t *d, int64_t n, int64_t 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
+/* One 4-bit chunk's weights as float32, fma(q, d, m): w[0], w[1] columns 0-7 and 8-15 at
+ * input p (low nibbles), w[2], w[3] the same at input p + 16 (high nibbles). */
+static inline __attribute__((always_inline)) void q4_rebuild(const uint8_t *chunk, __m256 d0,
+                                                             __m256 d1, __m256 m0, __m256 m1,
+                                                             __m256 w[4]) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const __m256i r0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)chunk));
+    const __m256i r1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(chunk + 8)));
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(r0, low)), d0, m0);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(r1, low)), d1, m1);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r0, 4)), d0, m0);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 4)), d1, m1);
+}
+
+/* One input's 16 columns of 8-bit weights as float32, d * q: w[0] columns 0-7, w[1] 8-15. */
+static inline __attribute__((always_inline)) void q8_rebuild(const uint8_t *row, __m256 d0,
+                                                             __m256 d1, __m256 w[2]) {
+    const __m256i q0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row));
+    const __m256i q1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8)));
+    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), d0);
+    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(q1), d1);
+}
+
 /* R rows of x (R <= 4) against one task's 16 columns over all k; sums into out[r][0..15]. */
 static inline __attribute__((always_inline)) void q4f32_task(const uint8_t *w, int64_t groups,
                                                              const float *x, int64_t x_stride,
                                                              const int R, float *out,
                                                              int64_t out_stride) {
-    const __m256i low = _mm256_set1_epi32(15);
     __m256 acc[4][2], acc_hi[2];
     for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     acc_hi[0] = acc_hi[1] = _mm256_setzero_ps();
@@ -100,18 +122,9 @@ static inline __attribute__((always_inline)) void q4f32_task(const uint8_t *w, i
         const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)base + 3));
         const float *xg = x + g * 32;
         for (int p = 0; p < 16; p++) {
-            const uint8_t *chunk = base + 64 + 16 * p;
-            const __m256i r0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)chunk));
-            const __m256i r1 =
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(chunk + 8)));
-            const __m256 lo0 = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(_mm256_and_si256(r0, low)), d0, m0);
-            const __m256 lo1 = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(_mm256_and_si256(r1, low)), d1, m1);
-            const __m256 hi0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r0, 4)), d0,
-                                               m0);
-            const __m256 hi1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 4)), d1,
-                                               m1);
+            __m256 wv[4];
+            q4_rebuild(base + 64 + 16 * p, d0, d1, m0, m1, wv);
+            const __m256 lo0 = wv[0], lo1 = wv[1], hi0 = wv[2], hi1 = wv[3];
             if (R == 1) {
                 const __m256 xl = _mm256_broadcast_ss(xg + p);
                 const __m256 xh = _mm256_broadcast_ss(xg + p + 16);
@@ -159,14 +172,7 @@ static inline __attribute__((always_inline)) void q8f32_task(const uint8_t *w, i
         const float *xg = x + g * 32;
         for (int i = 0; i < 32; i += 2) {
             __m256 wv[2][2];
-            for (int u = 0; u < 2; u++) {
-                const uint8_t *row = qs + (i + u) * Q4F_COLS;
-                const __m256i q0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row));
-                const __m256i q1 =
-                    _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8)));
-                wv[u][0] = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), d0);
-                wv[u][1] = _mm256_mul_ps(_mm256_cvtepi32_ps(q1), d1);
-            }
+            for (int u = 0; u < 2; u++) q8_rebuild(qs + (i + u) * Q4F_COLS, d0, d1, wv[u]);
             if (R == 1) {
                 const __m256 xe = _mm256_broadcast_ss(xg + i);
                 const __m256 xo = _mm256_broadcast_ss(xg + i + 1);
@@ -222,7 +228,6 @@ static void q8_task_any(const uint8_t *w, int64_t groups, const float *x, int64_
 /* One task's 16 columns over all k as float32, buf[k][16] (the same numbers the tasks above
  * compute with). */
 static void q4_panel(const uint8_t *w, int64_t groups, float *buf) {
-    const __m256i low = _mm256_set1_epi32(15);
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *base = w + g * Q4F_GROUP;
         const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)base));
@@ -231,19 +236,13 @@ static void q4_panel(const uint8_t *w, int64_t groups, float *buf) {
         const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)base + 3));
         float *b = buf + g * 32 * Q4F_COLS;
         for (int p = 0; p < 16; p++) {
-            const uint8_t *chunk = base + 64 + 16 * p;
-            const __m256i r0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)chunk));
-            const __m256i r1 =
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(chunk + 8)));
+            __m256 wv[4];
+            q4_rebuild(base + 64 + 16 * p, d0, d1, m0, m1, wv);
             float *lo = b + p * Q4F_COLS, *hi = b + (p + 16) * Q4F_COLS;
-            _mm256_storeu_ps(lo, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(r0, low)),
-                                                 d0, m0));
-            _mm256_storeu_ps(lo + 8, _mm256_fmadd_ps(
-                                         _mm256_cvtepi32_ps(_mm256_and_si256(r1, low)), d1, m1));
-            _mm256_storeu_ps(hi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r0, 4)),
-                                                 d0, m0));
-            _mm256_storeu_ps(hi + 8, _mm256_fmadd_ps(
-                                         _mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 4)), d1, m1));
+            _mm256_storeu_ps(lo, wv[0]);
+            _mm256_storeu_ps(lo + 8, wv[1]);
+            _mm256_storeu_ps(hi, wv[2]);
+            _mm256_storeu_ps(hi + 8, wv[3]);
         }
     }
 }
@@ -255,11 +254,10 @@ static void q8_panel(const uint8_t *w, int64_t groups, float *buf) {
         const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)base + 1));
         float *b = buf + g * 32 * Q4F_COLS;
         for (int i = 0; i < 32; i++) {
-            const uint8_t *row = base + 32 + i * Q4F_COLS;
-            const __m256i q0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row));
-            const __m256i q1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8)));
-            _mm256_storeu_ps(b + i * Q4F_COLS, _mm256_mul_ps(_mm256_cvtepi32_ps(q0), d0));
-            _mm256_storeu_ps(b + i * Q4F_COLS + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(q1), d1));
+            __m256 wv[2];
+            q8_rebuild(base + 32 + i * Q4F_COLS, d0, d1, wv);
+            _mm256_storeu_ps(b + i * Q4F_COLS, wv[0]);
+            _mm256_storeu_ps(b + i * Q4F_COLS + 8, wv[1]);
         }
     }
 }
@@ -323,10 +321,11 @@ static int lowbit_f32(task_fn task, panel_fn panel, int64_t group_bytes, const f
     }
     /* rows in chunks of equal size whose x stays in L2 (at most CHUNK_BYTES) while the
      * tasks sweep over it */
-    int64_t most = CHUNK_BYTES / (k * (int64_t)sizeof(float));
+    int64_t most = CHUNK_BYTES / (k * (int64_t)sizeof(float)) / 6 * 6;
     if (most < 6) most = 6;
-    const int64_t chunks = (m + most - 1) / most;
-    const int64_t chunk = ((m + chunks - 1) / chunks + 5) / 6 * 6;
+    const int64_t even = (m + most - 1) / most;
+    const int64_t chunk = ((m + even - 1) / even + 5) / 6 * 6; /* <= most */
+    const int64_t chunks = (m + chunk - 1) / chunk;             /* none of them empty */
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (parallel) reduction(| : failed)
     {

@@ -329,26 +329,6 @@ static inline __attribute__((always_inline)) __m256 load8(const void *src, int64
     return _mm256_loadu_ps((const float *)src + index);
 }
 
-/* exp(x) for x <= 0 as exp512 computes it (2^n * e^g, Taylor to degree 7); 0 below -87. */
-static inline __m256 exp256(__m256 x) {
-    const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 g = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.69314718055994531f));
-    __m256 p = _mm256_set1_ps(1.0f / 5040);
-    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 720));
-    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
 /* Lane j of the result is the sum of the 8 lanes of a[j] (a transposed reduction). */
 static inline __attribute__((always_inline)) __m256 reduce8(const __m256 *a) {
     const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);

@@ -1,5 +1,5 @@
-/* Helpers shared by the CPU kernels: scalar bfloat16 conversions, and AVX-512 ones
- * (HAVE_AVX512 is defined when those exist). */
+/* Helpers shared by the CPU kernels: scalar bfloat16 conversions, AVX-512 ones (HAVE_AVX512
+ * is defined when those exist) and an AVX2 exp (HAVE_AVX2). */
 #ifndef INFERHUB_SIMD_H
 #define INFERHUB_SIMD_H
 #include <stdint.h>
@@ -98,4 +98,32 @@ static inline __attribute__((always_inline)) void store16(void *dst, int64_t ind
         _mm512_storeu_ps((float *)dst + index, v);
 }
 #endif /* __AVX512F__ */
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+
+/* exp(x) as exp512 computes it (2^n * e^g, |g| <= ln(2)/2, Taylor to degree 7), 8 lanes:
+ * +inf above about 88.7, 0 below -87 (no subnormal results). */
+static inline __m256 exp256(__m256 x) {
+    const __m256 big = _mm256_cmp_ps(x, _mm256_set1_ps(88.72f), _CMP_GT_OQ);
+    const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 g = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.69314718055994531f));
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 r = _mm256_andnot_ps(small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+    return _mm256_blendv_ps(r, _mm256_set1_ps(__builtin_inff()), big);
+}
+#endif /* __AVX2__ && __FMA__ */
 #endif /* INFERHUB_SIMD_H */
