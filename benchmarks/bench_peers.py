@@ -106,7 +106,7 @@ def worker_inferhub(spec: dict[str, Any]) -> dict[str, Any]:
         return LLM(
             EngineConfig(
                 model=spec["model"],
-                dtype="bfloat16",
+                dtype=spec["dtype"],
                 max_num_seqs=max_seqs,
                 weight_quant="auto",
                 max_num_batched_tokens=spec["inferhub_batched_tokens"],
@@ -166,7 +166,7 @@ def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     hf = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
-    hf = hf.to(torch.bfloat16).eval()
+    hf = hf.to({"bfloat16": torch.bfloat16, "float32": torch.float32}[spec["dtype"]]).eval()
     w = spec["workloads"]
     out: dict[str, Any] = {
         "threads": torch.get_num_threads(),
@@ -413,7 +413,7 @@ def start_server(kind: str, args: argparse.Namespace, log_path: Path) -> tuple[A
         cmd = [
             sys.executable, "-m", "inferhub.cli", "serve", "--host", "127.0.0.1",
             "--port", str(port), "--no-auth", "--log-level", "warning",
-            "--model", f"{args.served_name}={args.model}", "--dtype", "bfloat16",
+            "--model", f"{args.served_name}={args.model}", "--dtype", args.dtype,
             "--threads", str(args.threads), "--max-num-seqs", str(max(args.concurrency)),
             "--kv-cache-memory", f"{args.kv_cache_gib}G", "--data-dir", tempfile.mkdtemp(),
             "--weight-quant", "auto",
@@ -659,6 +659,13 @@ def main() -> None:
     )
     ap.add_argument("--model", default=None, help="GGUF file (default: the embedded model)")
     ap.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="inferhub's and transformers' dtype; auto: the engine's choice for this CPU "
+        "(bfloat16 with AVX512-BF16 or AMX, else float32)",
+    )
     ap.add_argument("--quick", action="store_true", help="small workloads: checks it all works")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset")
     ap.add_argument("--no-serve", action="store_true", help="skip the served comparison")
@@ -698,6 +705,10 @@ def main() -> None:
     from common import machine
     from inferhub.models.default import DEFAULT_MODEL_NAME, default_model_path
 
+    if args.dtype == "auto":
+        from inferhub.engine.device import cpu_has_bf16  # what resolve_dtype picks on a CPU
+
+        args.dtype = "bfloat16" if cpu_has_bf16() else "float32"
     args.model = args.model or default_model_path()
     args.served_name = DEFAULT_MODEL_NAME if args.model == default_model_path() else "model"
     default_conc = "1,4" if args.quick else "1,8,16,32"
@@ -721,6 +732,7 @@ def main() -> None:
     workloads = make_workloads(args)
     spec = {
         "model": args.model,
+        "dtype": args.dtype,
         "threads": args.threads,
         "workloads": workloads,
         "hf_batch": args.hf_batch,
