@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,6 +29,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name in table:
         if table[name] is torch.float16 and device.type == "cpu":
             raise ValueError("float16 is only supported on CUDA; use bfloat16 or float32 on CPU")
+        if table[name] is torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
+            log.warning(
+                "bfloat16 on a CPU without AVX512-BF16 or AMX: torch's bfloat16 products run "
+                "several times slower than float32 here (dtype auto picks float32)"
+            )
         return table[name]
     if name != "auto":
         raise ValueError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
