@@ -23,9 +23,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_json
+from common import add_dtype_arg, cpu_dtype, print_table, write_json
 from inferhub.config import EngineConfig
-from inferhub.engine.device import resolve_dtype
 from inferhub.engine.llm import LLM
 from inferhub.engine.sampling_params import SamplingParams
 from inferhub.models.default import default_model_path
@@ -138,13 +137,7 @@ def transformers_runner(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded)")
-    ap.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float32"],
-        help="both engines' dtype; auto: the engine's own choice for this CPU (bfloat16 "
-        "with AVX512-BF16 or AMX, else float32)",
-    )
+    add_dtype_arg(ap, "both engines")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -155,9 +148,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="paired runs, order alternating")
     args = ap.parse_args()
-    if args.dtype == "auto":
-        resolved = resolve_dtype("auto", torch.device("cpu"))
-        args.dtype = "bfloat16" if resolved == torch.bfloat16 else "float32"
+    args.dtype = cpu_dtype(args.dtype)
     model = args.model or default_model_path()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     llm_probe = LLM(

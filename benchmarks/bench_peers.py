@@ -654,18 +654,14 @@ def run_worker(engine: str, spec: dict[str, Any], resume: bool) -> dict[str, Any
 
 
 def main() -> None:
+    from common import add_dtype_arg, cpu_dtype
+
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model", default=None, help="GGUF file (default: the embedded model)")
     ap.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
-    ap.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float32"],
-        help="inferhub's and transformers' dtype; auto: the engine's choice for this CPU "
-        "(bfloat16 with AVX512-BF16 or AMX, else float32)",
-    )
+    add_dtype_arg(ap, "inferhub's and transformers")
     ap.add_argument("--quick", action="store_true", help="small workloads: checks it all works")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset")
     ap.add_argument("--no-serve", action="store_true", help="skip the served comparison")
@@ -705,10 +701,7 @@ def main() -> None:
     from common import machine
     from inferhub.models.default import DEFAULT_MODEL_NAME, default_model_path
 
-    if args.dtype == "auto":
-        from inferhub.engine.device import cpu_has_bf16  # what resolve_dtype picks on a CPU
-
-        args.dtype = "bfloat16" if cpu_has_bf16() else "float32"
+    args.dtype = cpu_dtype(args.dtype)
     args.model = args.model or default_model_path()
     args.served_name = DEFAULT_MODEL_NAME if args.model == default_model_path() else "model"
     default_conc = "1,4" if args.quick else "1,8,16,32"

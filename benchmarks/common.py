@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -10,6 +11,26 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def add_dtype_arg(ap: argparse.ArgumentParser, who: str) -> None:
+    """--dtype for the torch engines of a benchmark (`who`), auto by default (see cpu_dtype)."""
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help=f"{who}' dtype; auto: the engine's own choice for this CPU (bfloat16 with "
+        "AVX512-BF16 or AMX, else float32)",
+    )
+
+
+def cpu_dtype(name: str) -> str:
+    """A --dtype value with auto resolved as the engine resolves it on the CPU."""
+    if name != "auto":
+        return name
+    from inferhub.engine.device import cpu_has_bf16
+
+    return "bfloat16" if cpu_has_bf16() else "float32"
 
 
 def machine() -> dict[str, Any]:
