@@ -16,7 +16,7 @@ from inferhub.config import EngineConfig
 from inferhub.engine.llm import LLM
 from inferhub.engine.sampling_params import SamplingParams
 from inferhub.layers import cpu_kernels
-from inferhub.layers.quant_linear import GROUP, Int4Linear, Int4Weight, Int8Linear
+from inferhub.layers.quant_linear import ALL_ROWS, GROUP, Int4Linear, Int4Weight, Int8Linear
 from inferhub.models.loader import LoadedModel, load_model
 from tiny_models import ARCHS, gguf_source_dir, make_tiny_gguf
 
@@ -325,19 +325,81 @@ def test_f32_small_calls_read_the_files_4_bits_by_default(q4: dict[str, Path], n
         a, b = our_logits(lm, ids), our_logits(dense, ids)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert_logits_match(lm, hf_model(q4[name].parent, gguf_file=q4[name].name))
+    # where the kernel takes every call (AVX2 without AVX-512), the dense copies are gone
+    released = F32_MAX_ROWS >= ALL_ROWS
+    assert all(p.dense_released == released for p in projections)
+    dense_bytes = sum(p.out_features * p.in_features * 4 for p in projections)
+    assert lm.released_bytes == (dense_bytes if released else 0)
+    assert dense.released_bytes == 0
 
 
 @needs_avx2
-def test_f32_logits_read_a_q8_0_files_output_rows(tmp_path: Path) -> None:
-    """A Q8_0 file in float32: the (tied) output projection of small batches runs the exact
-    8-bit kernel on the file's blocks; logits equal the dense ones up to sum order."""
+def test_f32_exact_kernel_takes_prefill_sized_calls_and_releases_the_dense_weight() -> None:
+    """With no row limit the exact kernel serves calls of any size (a 2048-token prefill
+    chunk) with the dense weight's products; once that weight is released the layer still
+    gives the same numbers, and an input the kernel cannot take fails clearly instead of
+    reaching the freed weight. A layer with a row limit keeps its dense weight."""
+    torch.manual_seed(0)
+    n, k = 96, 128
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    d = (torch.rand(n, k // GROUP) * 0.02).half().float()
+    offset = (-torch.rand(n, k // GROUP) * 0.1).half().float()
+    w4 = Int4Weight(q, d, offset + 8 * d, offset)
+    linear = nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(w4.dequantize())
+    layer = Int4Linear(linear, w4, max_rows=0, exact_rows=ALL_ROWS)
+    assert layer.q4f32 is not None and layer.max_rows == ALL_ROWS
+    calls: list[int] = []
+    real = cpu_kernels.q4f32_linear
+
+    def counting(x: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, *args)  # type: ignore[arg-type]
+
+    x = torch.randn(2048, k)
+    want = F.linear(x, linear.weight, linear.bias)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "q4f32_linear", counting)
+        before = layer(x)
+        layer.release_dense()
+        after = layer(x)
+    assert calls == [2048, 2048]
+    torch.testing.assert_close(before, want, atol=1e-4, rtol=1e-5)
+    assert torch.equal(before, after)
+    assert layer.dense_released and layer.weight.numel() == 0
+    assert "dense weight released" in repr(layer)
+    with pytest.raises(RuntimeError, match="dense weight was released"):
+        layer(x.to(torch.bfloat16))
+    limited = Int4Linear(nn.Linear(k, n), w4, max_rows=0, exact_rows=256)
+    with pytest.raises(ValueError, match="above 256 rows"):
+        limited.release_dense()
+    assert not limited.dense_released
+    lossy = Int4Linear(nn.Linear(k, n), Int4Weight(q, d, offset + 8 * d), max_rows=ALL_ROWS)
+    with pytest.raises(ValueError, match="lossy"):
+        lossy.release_dense()
+
+
+@needs_avx2
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_logits_read_a_q8_0_files_output_rows(tmp_path: Path, arch: str) -> None:
+    """A Q8_0 file in float32: the output projection (tied for the tiny Qwen2, its own
+    tensor for the tiny Llama) runs the exact 8-bit kernel on the file's blocks; logits equal
+    the dense ones up to sum order. An untied output's dense copy is released where the
+    kernel takes every call; a tied one stays, the embedding's."""
     from inferhub.layers.quant_linear import EXACT_Q8_MAX_ROWS, ExactQ8Linear
 
-    path = make_tiny_gguf(tmp_path, "qwen2", quant="Q8_0")
+    path = make_tiny_gguf(tmp_path, arch, quant="Q8_0")
     lm = load(path, weight_quant="none")
-    assert lm.exact_q8_lm_head and isinstance(lm.model.lm_head, ExactQ8Linear)
-    assert lm.model.lm_head.weight is lm.model.embed_tokens.weight  # still tied
-    assert lm.model.lm_head.max_rows == EXACT_Q8_MAX_ROWS
+    head = lm.model.lm_head
+    assert lm.exact_q8_lm_head and isinstance(head, ExactQ8Linear)
+    tied = lm.config.tie_word_embeddings
+    assert tied == (arch == "qwen2")
+    if tied:
+        assert head.weight is lm.model.embed_tokens.weight  # still tied
+    assert head.max_rows == EXACT_Q8_MAX_ROWS
+    assert head.dense_released == (not tied and EXACT_Q8_MAX_ROWS >= ALL_ROWS)
+    assert lm.model.embed_tokens.weight.numel() > 0
     dense = load(path, weight_quant="none", int4_max_rows=0)
     assert not dense.exact_q8_lm_head and isinstance(dense.model.lm_head, nn.Linear)
     ids = lm.tokenizer.encode("Hello, world! How are you today?")

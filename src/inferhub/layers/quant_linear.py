@@ -40,14 +40,19 @@ DEFAULT_MAX_ROWS = 8
 # A/B, same machine: the 4-bit kernel 1.69x faster at 1 sequence, 1.11x at 4, the tiles 1.06x
 # at 5, 1.14x at 6 and 1.6x at 8).
 TILES_MAX_ROWS = 4
+# A row limit that no call reaches: the kernel takes every call, prefill included.
+ALL_ROWS = 1 << 62
 # The same switch for the exact float32 kernel on AVX2 (csrc/lowbit_avx2.c). Measured on a
 # 2-core AMD EPYC (Zen 3), SmolLM2-135M's shapes against torch's float32 GEMV/GEMM (MKL):
 # 2.2-2.5x faster at 1 row, 2-2.8x at 4-6, 1.2-1.6x at 16, 1.2-1.7x at 64, 1.1-1.5x at 128,
-# 1.0-1.07x at 256, 0.88-0.97x at 2048 (prefill stays dense). With AVX-512, torch's float32
-# GEMM is twice as wide as this AVX2 kernel (not measured against it): there the kernel keeps
-# to calls of GEMV size, where reading 4 bits a weight instead of 32 decides.
+# and 0.91-1.16x (1.07x over the four shapes together) at 256-2048 rows, where both run near
+# the cores' float32 FMA rate; prefill steps took 0.95x the time on it (interleaved A/B). So
+# on AVX2 it takes every call, and the dense float32 copy of those weights is released after
+# loading (Int4Linear.release_dense). With AVX-512, torch's float32 GEMM is twice as wide as
+# this AVX2 kernel (not measured against it): there the kernel keeps to calls of GEMV size,
+# where reading 4 bits a weight instead of 32 decides.
 _AVX512 = "avx512f" in cpu_kernels._cpu_signature().split()
-F32_MAX_ROWS = 8 if _AVX512 else 256
+F32_MAX_ROWS = 8 if _AVX512 else ALL_ROWS
 
 
 @dataclass
@@ -171,17 +176,46 @@ class _LowBitLinear(nn.Module):
         y = self._small(x.contiguous()) if x.dim() == 2 and x.shape[0] <= self.max_rows else None
         return self._dense(x) if y is None else y
 
+    @property
+    def exact(self) -> bool:
+        """Whether the low-bit kernel gives the dense weight's products (it rebuilds a GGUF
+        file's own dense weights from their blocks), so that it may serve every call."""
+        return False
+
+    @property
+    def dense_released(self) -> bool:
+        """True once the dense weight is gone (release_dense): every call is the kernel's."""
+        return self.weight.numel() == 0 and self.in_features * self.out_features > 0
+
+    def release_dense(self) -> None:
+        """Free the dense weight: for a layer whose exact kernel takes calls of any number of
+        rows in the model's dtype, that copy is never read again. Calls the kernel cannot take
+        then fail with a clear error instead of computing something else."""
+        if not self.exact:
+            raise ValueError("the dense weight serves the calls of a lossy kernel's layer")
+        if self.max_rows < ALL_ROWS:
+            raise ValueError(f"the dense weight serves calls above {self.max_rows} rows")
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_dense(x)
         return dense_forward(x, self.weight, self.bias, self.amx_packed)
+
+    def _check_dense(self, x: torch.Tensor) -> None:
+        if self.dense_released:
+            raise RuntimeError(
+                f"{type(self).__name__} {self.out_features}x{self.in_features}: its dense "
+                f"weight was released, and its kernel takes 2-D float32 inputs, not "
+                f"{x.dtype} {tuple(x.shape)}"
+            )
 
     def _with_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return (
-            f"in={self.in_features}, out={self.out_features}, "
-            f"{self.bits}-bit up to {self.max_rows} rows"
-        )
+        rows = "every call" if self.max_rows >= ALL_ROWS else f"up to {self.max_rows} rows"
+        dense = ", dense weight released" if self.dense_released else ""
+        return f"in={self.in_features}, out={self.out_features}, {self.bits}-bit {rows}{dense}"
 
 
 class Int4Linear(_LowBitLinear):
@@ -257,6 +291,10 @@ class Int4Linear(_LowBitLinear):
         self.packed = packed.to(device)
         self.scales_zeros = scales_zeros.to(device, dtype)
 
+    @property
+    def exact(self) -> bool:
+        return self.q4f32 is not None
+
     def use_amx(self) -> None:
         if self.amx_q4 is None:  # with the 4-bit tiles, a packed dense copy would go unused
             super().use_amx()
@@ -264,6 +302,7 @@ class Int4Linear(_LowBitLinear):
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx_q4 is None:
             return super()._dense(x)
+        self._check_dense(x)
         kernel = cpu_kernels.amx_q4_linear_bf16
         return dense_forward(x, self.weight, self.bias, self.amx_q4, kernel=kernel)
 
@@ -289,9 +328,9 @@ class Int4Linear(_LowBitLinear):
 
 # Calls of up to this many rows on ExactQ8Linear's kernel. Measured on a 2-core AMD EPYC
 # (Zen 3), SmolLM2-135M's output projection (49152 x 576) against torch's float32 product:
-# 8.4-9.2x faster at 1 row, 3.0x at 16, 1.8x at 64, 1.3x at 128 and 256 (with AVX-512: as
-# F32_MAX_ROWS).
-EXACT_Q8_MAX_ROWS = 8 if _AVX512 else 256
+# 8.4-9.2x faster at 1 row, 3.0x at 16, 1.8x at 64, 1.3x at 128 and 256, so every call on
+# AVX2 (with AVX-512: as F32_MAX_ROWS).
+EXACT_Q8_MAX_ROWS = 8 if _AVX512 else ALL_ROWS
 
 
 def q8_0_blocks(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +360,10 @@ class ExactQ8Linear(_LowBitLinear):
     ) -> None:
         super().__init__(linear, max_rows)
         self.register_buffer("q8f32", cpu_kernels.q8f32_pack(q, scale), persistent=False)
+
+    @property
+    def exact(self) -> bool:
+        return True
 
     def _small(self, x: torch.Tensor) -> torch.Tensor | None:
         if x.dtype != torch.float32:

@@ -19,7 +19,15 @@ from inferhub.layers.activation import silu_and_mul
 from inferhub.layers.amx_linear import AMX_MAX_ROWS, AmxLinear, amx_supported
 from inferhub.layers.attention import KERNEL_BACKENDS, AttentionMetadata, paged_attention
 from inferhub.layers.norm import RMSNorm
-from inferhub.layers.quant_linear import GROUP, ExactQ8Linear, Int4Linear, Int4Weight, Int8Linear
+from inferhub.layers.quant_linear import (
+    ALL_ROWS,
+    GROUP,
+    ExactQ8Linear,
+    Int4Linear,
+    Int4Weight,
+    Int8Linear,
+    _LowBitLinear,
+)
 from inferhub.layers.rotary import RotaryEmbedding, apply_rotary
 from inferhub.models.config import ModelConfig
 
@@ -299,6 +307,25 @@ class Qwen2ForCausalLM(nn.Module):
         projection (exact: ExactQ8Linear)."""
         if isinstance(self.lm_head, nn.Linear):
             self.lm_head = ExactQ8Linear(self.lm_head, q, scale)  # type: ignore[assignment]
+
+    def release_dense_weights(self) -> int:
+        """Free the dense weights that no call reads any more: those of projections (and of
+        an untied output projection) whose exact kernel takes calls of any size. Returns the
+        bytes released."""
+        freed = 0
+        modules: list[nn.Module] = [getattr(p, a) for _, p, a, _ in self._projections()]
+        if self.lm_head.weight is not self.embed_tokens.weight:  # tied: the embedding's
+            modules.append(self.lm_head)
+        for module in modules:
+            if (
+                isinstance(module, _LowBitLinear)
+                and module.exact
+                and module.max_rows >= ALL_ROWS
+                and not module.dense_released
+            ):
+                freed += module.weight.numel() * module.weight.element_size()
+                module.release_dense()
+        return freed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (N, vocab) in the model's dtype
