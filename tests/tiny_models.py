@@ -156,9 +156,13 @@ def gguf_source_dir(gguf_path: Path) -> Path:
     return gguf_path.with_name(gguf_path.stem + "-source")
 
 
-def make_tiny_gguf(dir: Path, arch: str, quant: str | None = None) -> Path:
+def make_tiny_gguf(
+    dir: Path, arch: str, quant: str | None = None, mixed: dict[str, str] | None = None
+) -> Path:
     """Write a tiny model as `dir/tiny-{arch}.gguf` (F32, or `quant`: "Q8_0", "Q4_0", "Q4_1" for 2-D weights).
 
+    mixed: per GGUF tensor kind (`attn_v`, `ffn_down`, ...), another type for its 2-D
+    weights, as llama.cpp's mixed files store some tensors with more bits.
     The transformers model it came from is saved next to it (see `gguf_source_dir`).
     """
     import gguf
@@ -167,7 +171,8 @@ def make_tiny_gguf(dir: Path, arch: str, quant: str | None = None) -> Path:
 
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
-    path = dir / f"tiny-{arch}{'-' + quant.lower() if quant else ''}.gguf"
+    mix = "".join(f"-{kind}-{q.lower()}" for kind, q in sorted((mixed or {}).items()))
+    path = dir / f"tiny-{arch}{'-' + quant.lower() if quant else ''}{mix}.gguf"
     source = make_tiny_hf(gguf_source_dir(path), arch)
     cfg = AutoConfig.from_pretrained(source)
     hf_tok = Fast.from_pretrained(source)
@@ -219,8 +224,9 @@ def make_tiny_gguf(dir: Path, arch: str, quant: str | None = None) -> Path:
         elif arch == "llama" and ".k_proj." in hf_name:
             data = _permute(data, heads, kv_heads)
         name = _gguf_name(hf_name)
+        kind = name.split(".")[2] if name.startswith("blk.") else name.split(".")[0]
         if quant is not None and data.ndim == 2:
-            qtype = gguf.GGMLQuantizationType[quant]
+            qtype = gguf.GGMLQuantizationType[(mixed or {}).get(kind, quant)]
             packed = gguf.quants.quantize(np.ascontiguousarray(data), qtype)
             writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=qtype)
         else:

@@ -334,6 +334,67 @@ def test_f32_small_calls_read_the_files_4_bits_by_default(q4: dict[str, Path], n
 
 
 @needs_avx2
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_lean_load_never_dequantizes_what_the_exact_kernel_serves(
+    tmp_path: Path, arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the exact kernels take every call (AVX2 without AVX-512), a projection all of
+    whose parts the file stores in 4 bits is packed as it is read and never dequantized (its
+    dense parameter never written, then released); one with a part in 8 bits (a mixed file,
+    as llama.cpp writes them) loads densely. Logits equal the dense load's and transformers'."""
+    from inferhub.layers.quant_linear import F32_MAX_ROWS
+    from inferhub.models import loader
+
+    if F32_MAX_ROWS < ALL_ROWS:
+        pytest.skip("the exact kernels keep a row limit on this CPU: the dense load serves")
+    path = make_tiny_gguf(tmp_path, arch, quant="Q4_1", mixed={"attn_v": "Q8_0"})
+    dequantized: list[str] = []
+    real = loader._dequantize
+
+    def recording(tensor: object) -> np.ndarray:
+        dequantized.append(tensor.name)  # type: ignore[attr-defined]
+        return real(tensor)
+
+    monkeypatch.setattr(loader, "_dequantize", recording)
+    lm = load(path, weight_quant="none")
+    monkeypatch.undo()
+    layers = lm.config.num_hidden_layers
+    lean = [p for p in int4_layers(lm) if p.dense_released]
+    assert len(lean) == 3 * layers  # o, gate_up, down; q/k/v has an 8-bit part
+    assert all(isinstance(layer.self_attn.qkv_proj, nn.Linear) for layer in lm.model.layers)
+    kinds = {name.split(".")[2] for name in dequantized if name.startswith("blk.")}
+    assert {"attn_q", "attn_k", "attn_v"} <= kinds  # the mixed q/k/v, densely
+    assert not kinds & {"attn_output", "ffn_gate", "ffn_up", "ffn_down"}
+    assert lm.released_bytes == sum(p.out_features * p.in_features * 4 for p in lean)
+    dense = load(path, weight_quant="none", int4_max_rows=0)
+    ids = lm.tokenizer.encode("Once upon a time, in a land far away")
+    torch.testing.assert_close(our_logits(lm, ids), our_logits(dense, ids), atol=1e-5, rtol=1e-5)
+    assert_logits_match(lm, hf_model(path.parent, gguf_file=path.name))
+
+
+@needs_avx2
+def test_f32_lean_load_falls_back_to_dense_where_the_kernel_refuses_the_blocks(
+    q4: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks the exact kernel cannot take (a scale float16 does not hold) are found only
+    when a projection's parts are packed: those parts are then loaded densely after all, and
+    the model is the dense one, not one with unwritten weights."""
+    from inferhub.layers.quant_linear import PackedQ4F32
+
+    def refuse(weight: Int4Weight) -> PackedQ4F32:
+        raise ValueError("4-bit scales or offsets that float16 does not hold exactly")
+
+    monkeypatch.setattr(PackedQ4F32, "pack", staticmethod(refuse))
+    path = q4["llama-Q4_0"]
+    lm = load(path, weight_quant="none")
+    assert lm.released_bytes == 0
+    assert not any(p.q4f32 is not None for p in int4_layers(lm))
+    dense = load(path, weight_quant="none", int4_max_rows=0)
+    ids = lm.tokenizer.encode("Once upon a time")
+    torch.testing.assert_close(our_logits(lm, ids), our_logits(dense, ids), atol=0, rtol=0)
+
+
+@needs_avx2
 def test_f32_exact_kernel_takes_prefill_sized_calls_and_releases_the_dense_weight() -> None:
     """With no row limit the exact kernel serves calls of any size (a 2048-token prefill
     chunk) with the dense weight's products; once that weight is released the layer still

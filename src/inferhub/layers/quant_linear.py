@@ -134,6 +134,26 @@ class Int4Weight:
         )
 
 
+@dataclass
+class PackedQ4F32:
+    """A projection's GGUF Q4_0/Q4_1 blocks already in the exact float32 kernel's layout
+    (cpu_kernels.q4f32_pack), with no unpacked or dense copy: what a lean load keeps (0.625
+    bytes a weight) for a layer whose kernel will take every call."""
+
+    packed: torch.Tensor
+    shape: tuple[int, int]  # (N, K) of the dense weight
+
+    @staticmethod
+    def pack(weight: Int4Weight) -> PackedQ4F32:
+        """Raises ValueError when the kernel cannot take these blocks (a scale or offset
+        that float16 does not hold, or a shape not in whole tasks)."""
+        if weight.offset is None:
+            raise ValueError("only a GGUF file's own blocks rebuild the dense weights exactly")
+        return PackedQ4F32(
+            cpu_kernels.q4f32_pack(weight.q, weight.scale, weight.offset), weight.shape
+        )
+
+
 # The output projection (vocabulary x hidden, the largest matrix of a small model) in 8 bits
 # for calls of at most this many rows: 1.8 ms instead of 6.4 ms for SmolLM2's 49k x 576 at one
 # row, still faster at 4, slower at 8.
@@ -237,14 +257,15 @@ class Int4Linear(_LowBitLinear):
     def __init__(
         self,
         linear: nn.Linear,
-        weight: Int4Weight,
+        weight: Int4Weight | PackedQ4F32,
         max_rows: int,
         tiles: bool = True,
         exact_rows: int = 0,
     ) -> None:
         """max_rows: the small calls' limit on a lossy 4-bit kernel (0: none); exact_rows:
         the limit on the float32 AVX2 kernel, which gives the dense weights' products from a
-        file's own blocks (0: not that kernel). One of the two applies, the exact one first."""
+        file's own blocks (0: not that kernel). One of the two applies, the exact one first.
+        A PackedQ4F32 weight is for that kernel only (exact_rows > 0, float32)."""
         n, k = weight.shape
         if (linear.out_features, linear.in_features) != (n, k):
             raise ValueError(
@@ -255,6 +276,12 @@ class Int4Linear(_LowBitLinear):
         dtype, device = linear.weight.dtype, linear.weight.device
         for name in ("packed", "scales_zeros", "q4", "amx_q4", "q4f32"):
             self.register_buffer(name, None, persistent=False)
+        if isinstance(weight, PackedQ4F32):
+            if exact_rows <= 0 or dtype != torch.float32 or device.type != "cpu":
+                raise ValueError("packed float32 4-bit weights run on the exact kernel only")
+            self.q4f32 = weight.packed
+            self.max_rows = exact_rows
+            return
         if tiles and weight.offset is not None and amx_supported(linear.weight):
             try:
                 self.amx_q4 = cpu_kernels.amx_q4_pack(weight.q, weight.scale, weight.offset)
@@ -269,7 +296,7 @@ class Int4Linear(_LowBitLinear):
             and cpu_kernels.q4f32_available()
         ):
             try:
-                self.q4f32 = cpu_kernels.q4f32_pack(weight.q, weight.scale, weight.offset)
+                self.q4f32 = PackedQ4F32.pack(weight).packed
                 self.max_rows = exact_rows
                 return
             except ValueError:  # scales float16 does not hold: not the file's own blocks

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from inferhub.layers import cpu_kernels
 from inferhub.layers.quant_linear import (
+    ALL_ROWS,
     DEFAULT_MAX_ROWS,
     F32_MAX_ROWS,
     GROUP,
@@ -25,6 +26,7 @@ from inferhub.layers.quant_linear import (
     Int4Linear,
     Int4Weight,
     Int8Linear,
+    PackedQ4F32,
     int4_supported,
     q8_0_blocks,
 )
@@ -49,6 +51,8 @@ class LoadedModel:
     amx_projections: int = 0  # projections with an AMX-packed copy for calls up to 384 rows
     amx_q4_projections: int = 0  # of those, the ones whose AMX tiles read the file's 4 bits
     released_bytes: int = 0  # dense weights freed: exact kernels take every call (AVX2)
+    # while loading a GGUF file: its output projection's tensor (reader's, memory-mapped)
+    gguf_output: Any = field(default=None, repr=False)
 
 
 def load_model(
@@ -81,9 +85,11 @@ def load_model(
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     source = os.path.abspath(path)
-    int4: dict[str, Int4Weight] = {}
+    int4: dict[str, Int4Weight | PackedQ4F32] = {}
     tiles = False  # AMX tiles on the file's 4-bit blocks (GGUF only)
     exact32 = False  # the exact float32 4-bit kernel on the file's blocks (GGUF only)
+    lean = False  # ... taking every call: those projections are never loaded densely
+    exact_rows = F32_MAX_ROWS if int4_max_rows is None else int4_max_rows
     if os.path.isdir(source):
         loaded = _load_hf_folder(source, dtype, device, attention_backend, show_progress)
     else:
@@ -105,16 +111,19 @@ def load_model(
             and cpu_kernels.amx_available()
             and fits
         )
-        # likewise, in float32 on AVX2, the small calls' kernels that rebuild the file's
-        # dense float32 weights exactly from its 4 and 8 bits (csrc/lowbit_avx2.c), unless
-        # int4_max_rows = 0 asks for no small-call kernel
-        exact32 = (
+        # likewise, in float32 on AVX2, the kernels that rebuild the file's dense float32
+        # weights exactly from its 4 and 8 bits (csrc/lowbit_avx2.c), unless int4_max_rows
+        # = 0 asks for none. Where they take every call (lean), the projections they serve
+        # are packed as they are read and never dequantized: less memory than a dense load
+        # whatever the file's size, so with no `fits` condition
+        exact_here = (
             device.type == "cpu"
             and dtype == torch.float32
             and int4_max_rows != 0
             and cpu_kernels.q4f32_available()
-            and fits
         )
+        lean = exact_here and exact_rows >= ALL_ROWS
+        exact32 = exact_here and (fits or lean)
         loaded = _load_gguf(
             source,
             dtype,
@@ -122,6 +131,7 @@ def load_model(
             attention_backend,
             show_progress,
             int4 if keep or tiles or exact32 else None,
+            lean=lean,
         )
     # by default the 4-bit kernel takes calls of up to TILES_MAX_ROWS rows when the file's
     # 4-bit tiles serve the larger ones (AMX), else up to DEFAULT_MAX_ROWS (dense above); the
@@ -129,12 +139,20 @@ def load_model(
     rows = int4_max_rows
     if rows is None:
         rows = TILES_MAX_ROWS if tiles else DEFAULT_MAX_ROWS
-    exact_rows = F32_MAX_ROWS if int4_max_rows is None else int4_max_rows
     if int4:
+        packed = {name for name, w in int4.items() if isinstance(w, PackedQ4F32)}
         converted = loaded.model.use_int4(
             int4, rows if keep else 0, tiles=tiles, exact_rows=exact_rows if exact32 else 0
         )
         int4.clear()  # packed now: the unpacked blocks (a byte a weight) can go
+        taken = {
+            f"model.{name}"
+            for name, module in loaded.model.named_modules()
+            if isinstance(module, Int4Linear) and module.q4f32 is not None
+        }
+        if missed := {name.removesuffix(".weight") for name in packed} - taken:
+            # their dense parameters were never written: they must not serve
+            raise RuntimeError(f"lean load: no exact kernel took {sorted(missed)[:3]}")
         if keep:
             loaded.int4_projections += converted
         elif exact32:  # those the exact kernel took (the others stay dense)
@@ -146,7 +164,8 @@ def load_model(
     if weight_quant == "int4":
         loaded.int4_projections += loaded.model.use_int4(None, rows)
     if exact32 and loaded.quantized_output:
-        loaded.exact_q8_lm_head = _use_exact_q8_head(source, loaded.model)
+        loaded.exact_q8_lm_head = _use_exact_q8_head(loaded.gguf_output, loaded.model)
+    loaded.gguf_output = None  # the reader's view of the file: not needed any more
     if exact32:
         # on AVX2 the exact kernels take every call (F32_MAX_ROWS): the dense copies go
         loaded.released_bytes = loaded.model.release_dense_weights()
@@ -180,14 +199,10 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _use_exact_q8_head(path: str, model: Qwen2ForCausalLM) -> bool:
-    """Put the file's own Q8_0 output projection (or tied embedding) on the exact float32
-    kernel for small batches; False when the file stores it otherwise."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)  # memory-mapped: only the output's blocks are read
-    tensors = {t.name: t for t in reader.tensors}
-    output = tensors.get("output.weight", tensors.get("token_embd.weight"))
+def _use_exact_q8_head(output: Any, model: Qwen2ForCausalLM) -> bool:
+    """Put the file's own Q8_0 output projection (or tied embedding), `output` (the GGUF
+    reader's tensor, memory-mapped: only its blocks are read), on the exact float32 kernel;
+    False when the file stores it otherwise."""
     if output is None or output.tensor_type.name != "Q8_0":
         return False
     n, k = model.lm_head.out_features, model.lm_head.in_features
@@ -238,7 +253,7 @@ def _build_model(
 
 def _load_weights(
     model: Qwen2ForCausalLM,
-    weights: Iterator[tuple[str, torch.Tensor]],
+    weights: Iterator[tuple[str, torch.Tensor | None]],
     total: int,
     source: str,
     show_progress: bool,
@@ -499,9 +514,16 @@ def _load_gguf(
     device: torch.device,
     backend: str,
     show_progress: bool,
-    int4: dict[str, Int4Weight] | None = None,
+    int4: dict[str, Int4Weight | PackedQ4F32] | None = None,
+    lean: bool = False,
 ) -> LoadedModel:
-    """Load a GGUF file; with `int4`, also collect its Q4_0/Q4_1 projection weights there."""
+    """Load a GGUF file; with `int4`, also collect its Q4_0/Q4_1 projection weights there.
+
+    lean (with `int4`): the projections whose every part the file stores as Q4_0/Q4_1 in a
+    shape the exact float32 kernel takes are not dequantized at all: each is packed for that
+    kernel as soon as its parts are read (int4[its own name], a PackedQ4F32) and its dense
+    parameter is never written, so never resident. Only for a model whose exact kernels will
+    take every call (load_model releases those parameters afterwards)."""
     import gguf
 
     try:
@@ -519,25 +541,55 @@ def _load_gguf(
     tokenizer = Tokenizer.from_gguf(path, extra_eos_ids=extra_eos)
     permute = config.architecture == "llama"
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    lean_parts = (
+        _lean_projections(tensors, config.num_hidden_layers) if lean and int4 is not None else {}
+    )
+    part_of = {part: proj for proj, parts in lean_parts.items() for part in parts}
 
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def unpermute(tensor: Any, n: int) -> np.ndarray | None:
+        """The row order that undoes llama.cpp's q/k permutation, or None."""
+        if permute and ".attn_q." in tensor.name:
+            return _unpermute_rows(np.arange(n), heads)
+        if permute and ".attn_k." in tensor.name:
+            return _unpermute_rows(np.arange(n), kv_heads)
+        return None
+
+    def dense(tensor: Any) -> np.ndarray:
+        data = _dequantize(tensor)
+        rows = unpermute(tensor, data.shape[0])
+        return data if rows is None else data[rows]
+
+    def blocks(tensor: Any) -> Int4Weight:
+        shape = _hf_shape(tensor)
+        w4 = Int4Weight.from_gguf(tensor.data, tensor.tensor_type.name, (shape[0], shape[1]))
+        rows = unpermute(tensor, shape[0])
+        return w4 if rows is None else w4.permute_rows(rows)
+
+    def weights() -> Iterator[tuple[str, torch.Tensor | None]]:
+        pending: dict[str, dict[str, tuple[Any, Int4Weight]]] = {}
         for tensor in reader.tensors:
             if tensor.name == "rope_freqs.weight":
                 continue
             hf_name = gguf_to_hf_name(tensor.name)
-            data = _dequantize(tensor)
-            rows: np.ndarray | None = None
-            if permute and ".attn_q." in tensor.name:
-                rows = _unpermute_rows(np.arange(data.shape[0]), heads)
-            elif permute and ".attn_k." in tensor.name:
-                rows = _unpermute_rows(np.arange(data.shape[0]), kv_heads)
-            if rows is not None:
-                data = data[rows]
+            proj = part_of.get(hf_name)
+            if proj is not None and int4 is not None:  # lean: never dequantized
+                got = pending.setdefault(proj, {})
+                got[hf_name] = (tensor, blocks(tensor))
+                yield hf_name, None
+                if len(got) < len(lean_parts[proj]):
+                    continue
+                del pending[proj]
+                parts = [got[name] for name in lean_parts[proj]]
+                try:
+                    int4[proj] = PackedQ4F32.pack(Int4Weight.cat([w4 for _, w4 in parts]))
+                except ValueError:  # blocks the kernel cannot take: dense after all
+                    for name, (part, _) in zip(lean_parts[proj], parts, strict=True):
+                        yield name, torch.from_numpy(dense(part))
+                continue
+            data = dense(tensor)
             qtype = tensor.tensor_type.name
             if int4 is not None and qtype in ("Q4_0", "Q4_1") and ".layers." in hf_name:
-                shape = (int(data.shape[0]), int(data.shape[1]))
-                w4 = Int4Weight.from_gguf(tensor.data, qtype, shape)
-                int4[hf_name] = w4 if rows is None else w4.permute_rows(rows)
+                int4[hf_name] = blocks(tensor)
             yield hf_name, torch.from_numpy(data)
 
     model = _build_model(config, dtype, device, backend)
@@ -548,7 +600,35 @@ def _load_gguf(
     loaded = _finish(model, config, tokenizer, path)
     output = tensors.get("output.weight", tensors["token_embd.weight"])
     loaded.quantized_output = output.tensor_type.name not in ("F32", "F16", "BF16")
+    loaded.gguf_output = output
     return loaded
+
+
+def _lean_projections(tensors: dict[str, Any], num_layers: int) -> dict[str, tuple[str, ...]]:
+    """The (fused) projections whose every part the file stores as Q4_0/Q4_1, in a shape the
+    exact float32 kernel takes (whole tasks of 16 outputs, groups of 32 inputs): each
+    projection's own name -> its parts' checkpoint names, in row order."""
+    by_name: dict[str, Any] = {}
+    for name, tensor in tensors.items():
+        try:
+            by_name[gguf_to_hf_name(name)] = tensor
+        except ValueError:  # not a weight of ours: the load itself says so
+            continue
+    lean: dict[str, tuple[str, ...]] = {}
+    for i in range(num_layers):
+        for parts in Qwen2ForCausalLM._PROJECTIONS.values():
+            names = tuple(f"model.layers.{i}.{part}.weight" for part in parts)
+            found = [by_name.get(name) for name in names]
+            if any(t is None or t.tensor_type.name not in ("Q4_0", "Q4_1") for t in found):
+                continue
+            shapes = [_hf_shape(t) for t in found]
+            k = shapes[0][-1]
+            if any(len(sh) != 2 or sh[1] != k for sh in shapes) or k % GROUP:
+                continue
+            if sum(sh[0] for sh in shapes) % 16:
+                continue
+            lean[Qwen2ForCausalLM.projection_name(i, parts)] = names
+    return lean
 
 
 def _memory_available() -> int:

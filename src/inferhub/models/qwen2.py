@@ -7,7 +7,7 @@ makes about 270 such calls, 4% of a single-stream step on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,6 +26,7 @@ from inferhub.layers.quant_linear import (
     Int4Linear,
     Int4Weight,
     Int8Linear,
+    PackedQ4F32,
     _LowBitLinear,
 )
 from inferhub.layers.rotary import RotaryEmbedding, apply_rotary
@@ -347,7 +348,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     def use_int4(
         self,
-        weights: dict[str, Int4Weight] | None,
+        weights: Mapping[str, Int4Weight | PackedQ4F32] | None,
         max_rows: int,
         tiles: bool = True,
         exact_rows: int = 0,
@@ -355,7 +356,9 @@ class Qwen2ForCausalLM(nn.Module):
         """Run the projections of every layer on 4-bit weights for calls of <= max_rows rows.
 
         `weights` maps checkpoint names (model.layers.N.self_attn.q_proj.weight) to the file's
-        own 4-bit blocks; a projection is converted only when all its parts are there. With
+        own 4-bit blocks; a projection is converted only when all its parts are there, or
+        when the projection's own name (model.layers.N.self_attn.qkv_proj.weight) maps to its
+        blocks already packed for the exact float32 kernel (a lean load). With
         None, every projection is quantized from its dense weight (lossy). tiles=False keeps
         the file's blocks off the AMX tiles (the dense weights serve the larger calls);
         exact_rows > 0 runs small calls of up to that many rows on the kernel that gives the
@@ -366,13 +369,18 @@ class Qwen2ForCausalLM(nn.Module):
             linear = getattr(parent, attr)
             if not isinstance(linear, nn.Linear) or linear.in_features % GROUP:
                 continue  # already converted, or not in whole groups
+            int4: Int4Weight | PackedQ4F32
+            own = self.projection_name(i, parts)
             if weights is None:
                 int4 = Int4Weight.quantize(linear.weight)
+            elif own in weights:
+                int4 = weights[own]
             else:
                 names = [f"model.layers.{i}.{part}.weight" for part in parts]
-                if not all(name in weights for name in names):
+                found = [weights[name] for name in names if name in weights]
+                if len(found) < len(names):
                     continue
-                int4 = Int4Weight.cat([weights[name] for name in names])
+                int4 = Int4Weight.cat([w for w in found if isinstance(w, Int4Weight)])
             setattr(
                 parent,
                 attr,
@@ -389,6 +397,13 @@ class Qwen2ForCausalLM(nn.Module):
                 parent_name, attr = target.split(".")
                 yield i, getattr(layer, parent_name), attr, parts
 
+    @classmethod
+    def projection_name(cls, layer: int, parts: tuple[str, ...]) -> str:
+        """The checkpoint-style name of a (fused) projection: model.layers.3.self_attn.qkv_proj
+        .weight for the q/k/v parts."""
+        target = next(t for t, p in cls._PROJECTIONS.items() if p == parts)
+        return f"model.layers.{layer}.{target}.weight"
+
     # -- weights ---------------------------------------------------------------------------
     _FUSED: ClassVar[dict[str, tuple[str, int]]] = {
         "q_proj": ("qkv_proj", 0),
@@ -398,8 +413,10 @@ class Qwen2ForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load tensors named as in a Hugging Face checkpoint (model.layers.N.self_attn...)."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | None]]) -> None:
+        """Load tensors named as in a Hugging Face checkpoint (model.layers.N.self_attn...).
+        A None tensor counts as loaded but leaves the parameter as it is: a lean load passes
+        the projections whose file blocks a kernel serves instead (never read densely)."""
         params = dict(self.named_parameters())
         cfg = self.config
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -425,6 +442,9 @@ class Qwen2ForCausalLM(nn.Module):
             if target not in params:
                 raise KeyError(f"unexpected weight {name!r} in checkpoint")
             param = params[target]
+            if tensor is None:
+                loaded.add(f"{target}:{shard}")
+                continue
             with torch.no_grad():
                 if shard is None:
                     if param.shape != tensor.shape:
