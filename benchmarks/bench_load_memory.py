@@ -1,4 +1,5 @@
 """Memory and time of loading a Q4_0 GGUF model in float32, by how the 4-bit blocks are kept.
+Peak and final resident sizes include the file's pages mapped while it is read.
 
 Writes a GGUF file with random weights in the shapes of a real model (Qwen2-0.5B by default,
 `--shape qwen2-1.5b` / `qwen2-7b` for the larger ones; the embedded default's tokenizer, so
@@ -6,8 +7,8 @@ the vocabulary is 49152), Q4_0 projections and a tied Q8_0 embedding, as llama.c
 Q4_0 file. Then each mode loads it in a fresh process and reports the load time, the peak
 and the final resident memory, and the logits of one prompt (compared across modes):
 
-- lean (the default where the exact float32 kernels take every call: AVX2 without
-  AVX-512): the projections are packed as they are read and never dequantized;
+- lean (`int4_max_rows` = every call: the default on AVX2 without AVX-512): the
+  projections are packed for the exact kernel as they are read and never dequantized;
 - dense+kernel (`int4_max_rows=256`, how session 10 loaded): dense float32 weights for the
   large calls, the file's blocks packed for the small ones;
 - dense (`int4_max_rows=0`): every weight dequantized to float32, torch's products.
@@ -33,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table, write_json
+from inferhub.layers.quant_linear import ALL_ROWS
 from inferhub.models.default import default_model_path
 
 # hidden, intermediate, layers, heads, kv heads (the real models' config.json)
@@ -42,7 +44,7 @@ SHAPES: dict[str, tuple[int, int, int, int, int]] = {
     "qwen2-7b": (3584, 18944, 28, 28, 4),
 }
 MODES: dict[str, dict[str, Any]] = {
-    "lean": {},
+    "lean": {"int4_max_rows": ALL_ROWS},
     "dense+kernel": {"int4_max_rows": 256},
     "dense": {"int4_max_rows": 0},
 }
@@ -143,7 +145,8 @@ meta = AttentionMetadata(slot_mapping=ar, num_decode_tokens=0, decode=None, pref
 with torch.inference_mode():
     logits = lm.model.compute_logits(lm.model(torch.tensor(ids), ar, caches, meta)[-1:])
 np.save(out, logits.float().numpy())
-print(json.dumps({"load_s": took, "rss": rss, "peak": peak, "released": lm.released_bytes}))
+print(json.dumps({"load_s": took, "rss": rss, "peak": peak, "released": lm.released_bytes,
+                  "exact": sum(1 for m in lm.model.modules() if getattr(m, "q4f32", None) is not None)}))
 """
 
 
@@ -152,9 +155,10 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-0.5b")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dir", default=None, help="where the file goes (default: a temp dir)")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / f"random-{args.shape}-q4_0.gguf"
         t = time.perf_counter()
         write_model(path, args.shape, args.seed)
@@ -179,11 +183,13 @@ def main() -> None:
             rows.append(
                 {"mode": mode, "load_s": got["load_s"], "peak_MB": got["peak"] / 1e6,
                  "rss_MB": got["rss"] / 1e6, "released_MB": got["released"] / 1e6,
+                 "exact_projections": got["exact"],
                  "max_logit_diff": f"{float(np.abs(last - first).max()):.1e}",
                  "same_argmax": bool(last.argmax() == first.argmax())}
             )  # fmt: skip
         size = path.stat().st_size
-    columns = ["mode", "load_s", "peak_MB", "rss_MB", "released_MB", "max_logit_diff"]
+    columns = ["mode", "load_s", "peak_MB", "rss_MB", "released_MB", "exact_projections"]
+    columns.append("max_logit_diff")
     print_table(rows, [*columns, "same_argmax", "error"])
     out = write_json(
         "bench_load_memory",

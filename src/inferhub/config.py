@@ -34,7 +34,10 @@ class EngineConfig:
     # kernels on a file's Q4_0/Q4_1 projections and Q8_0 output projection.
     weight_quant: str = "none"
     # None: 4 when AMX tiles read the file's 4 bits for larger calls, else 8; the exact float32
-    # kernels 256 (8 with AVX-512) (measured); 0: no small-call kernel at all
+    # kernels every call on AVX2 (8 with AVX-512) (measured): their projections are then
+    # loaded straight from the file's blocks, with no dense float32 copy. A number also limits
+    # those exact kernels (so the dense copy is loaded for the larger calls); 0: no low-bit
+    # kernel at all
     int4_max_rows: int | None = None
     cuda_graphs: bool = True  # record decode steps as CUDA graphs (CUDA + triton backend)
     show_progress: bool = True

@@ -333,6 +333,21 @@ def test_f32_small_calls_read_the_files_4_bits_by_default(q4: dict[str, Path], n
     assert dense.released_bytes == 0
 
 
+def record_dequantized(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The GGUF tensors the loader dequantizes from now on, by name."""
+    from inferhub.models import loader
+
+    seen: list[str] = []
+    real = loader._dequantize
+
+    def recording(tensor: object) -> np.ndarray:
+        seen.append(tensor.name)  # type: ignore[attr-defined]
+        return real(tensor)
+
+    monkeypatch.setattr(loader, "_dequantize", recording)
+    return seen
+
+
 @needs_avx2
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f32_lean_load_never_dequantizes_what_the_exact_kernel_serves(
@@ -342,21 +357,10 @@ def test_f32_lean_load_never_dequantizes_what_the_exact_kernel_serves(
     whose parts the file stores in 4 bits is packed as it is read and never dequantized (its
     dense parameter never written, then released); one with a part in 8 bits (a mixed file,
     as llama.cpp writes them) loads densely. Logits equal the dense load's and transformers'."""
-    from inferhub.layers.quant_linear import F32_MAX_ROWS
-    from inferhub.models import loader
-
-    if F32_MAX_ROWS < ALL_ROWS:
-        pytest.skip("the exact kernels keep a row limit on this CPU: the dense load serves")
     path = make_tiny_gguf(tmp_path, arch, quant="Q4_1", mixed={"attn_v": "Q8_0"})
-    dequantized: list[str] = []
-    real = loader._dequantize
-
-    def recording(tensor: object) -> np.ndarray:
-        dequantized.append(tensor.name)  # type: ignore[attr-defined]
-        return real(tensor)
-
-    monkeypatch.setattr(loader, "_dequantize", recording)
-    lm = load(path, weight_quant="none")
+    dequantized = record_dequantized(monkeypatch)
+    # every call on the exact kernels: the default on AVX2, asked for here on any CPU
+    lm = load(path, weight_quant="none", int4_max_rows=ALL_ROWS)
     monkeypatch.undo()
     layers = lm.config.num_hidden_layers
     lean = [p for p in int4_layers(lm) if p.dense_released]
@@ -386,12 +390,32 @@ def test_f32_lean_load_falls_back_to_dense_where_the_kernel_refuses_the_blocks(
 
     monkeypatch.setattr(PackedQ4F32, "pack", staticmethod(refuse))
     path = q4["llama-Q4_0"]
-    lm = load(path, weight_quant="none")
-    assert lm.released_bytes == 0
-    assert not any(p.q4f32 is not None for p in int4_layers(lm))
+    dequantized = record_dequantized(monkeypatch)
+    lm = load(path, weight_quant="none", int4_max_rows=ALL_ROWS)
+    kinds = {name.split(".")[2] for name in dequantized if name.startswith("blk.")}
+    assert {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"} <= kinds
+    assert lm.released_bytes == 0 and lm.int4_projections == 0
+    assert not int4_layers(lm)  # every projection dense, with its real weight
     dense = load(path, weight_quant="none", int4_max_rows=0)
     ids = lm.tokenizer.encode("Once upon a time")
     torch.testing.assert_close(our_logits(lm, ids), our_logits(dense, ids), atol=0, rtol=0)
+    # weight_quant auto: the refused blocks still serve the small calls' lossy kernel
+    auto = load(path, weight_quant="auto", int4_max_rows=ALL_ROWS)
+    assert len(int4_layers(auto)) == 4 * auto.config.num_hidden_layers
+    assert all(p.q4f32 is None and not p.dense_released for p in int4_layers(auto))
+
+
+@needs_avx2
+def test_f32_lean_load_refuses_to_serve_a_projection_no_kernel_took(
+    q4: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lean projection has no dense weight: if nothing put it on the exact kernel, the load
+    fails instead of serving a model with empty weights."""
+    from inferhub.models.qwen2 import Qwen2ForCausalLM
+
+    monkeypatch.setattr(Qwen2ForCausalLM, "use_int4", lambda self, *a, **kw: 0)
+    with pytest.raises(RuntimeError, match="no exact kernel took"):
+        load(q4["qwen2-Q4_1"], weight_quant="none", int4_max_rows=ALL_ROWS)
 
 
 @needs_avx2

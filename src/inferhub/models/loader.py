@@ -7,7 +7,7 @@ import ctypes
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from inferhub.layers import cpu_kernels
 from inferhub.layers.quant_linear import (
     ALL_ROWS,
     DEFAULT_MAX_ROWS,
+    EXACT_Q8_MAX_ROWS,
     F32_MAX_ROWS,
     GROUP,
     TILES_MAX_ROWS,
@@ -132,6 +133,7 @@ def load_model(
             show_progress,
             int4 if keep or tiles or exact32 else None,
             lean=lean,
+            unpacked=keep or tiles or (exact32 and not lean),
         )
     # by default the 4-bit kernel takes calls of up to TILES_MAX_ROWS rows when the file's
     # 4-bit tiles serve the larger ones (AMX), else up to DEFAULT_MAX_ROWS (dense above); the
@@ -164,7 +166,8 @@ def load_model(
     if weight_quant == "int4":
         loaded.int4_projections += loaded.model.use_int4(None, rows)
     if exact32 and loaded.quantized_output:
-        loaded.exact_q8_lm_head = _use_exact_q8_head(loaded.gguf_output, loaded.model)
+        q8_rows = EXACT_Q8_MAX_ROWS if int4_max_rows is None else int4_max_rows
+        loaded.exact_q8_lm_head = _use_exact_q8_head(loaded.gguf_output, loaded.model, q8_rows)
     loaded.gguf_output = None  # the reader's view of the file: not needed any more
     if exact32:
         # on AVX2 the exact kernels take every call (F32_MAX_ROWS): the dense copies go
@@ -199,7 +202,7 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _use_exact_q8_head(output: Any, model: Qwen2ForCausalLM) -> bool:
+def _use_exact_q8_head(output: Any, model: Qwen2ForCausalLM, max_rows: int) -> bool:
     """Put the file's own Q8_0 output projection (or tied embedding), `output` (the GGUF
     reader's tensor, memory-mapped: only its blocks are read), on the exact float32 kernel;
     False when the file stores it otherwise."""
@@ -210,7 +213,7 @@ def _use_exact_q8_head(output: Any, model: Qwen2ForCausalLM) -> bool:
         return False
     q, scale = q8_0_blocks(output.data, (n, k))
     try:
-        model.use_exact_q8_lm_head(q, scale)
+        model.use_exact_q8_lm_head(q, scale, max_rows)
     except ValueError:  # scales float16 does not hold: not a Q8_0 file's own
         return False
     return True
@@ -235,11 +238,21 @@ def _use_amx(model: Qwen2ForCausalLM) -> int:
 
 # -- shared ---------------------------------------------------------------------------------
 def _build_model(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, backend: str
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: str,
+    no_weight: Iterable[str] = (),
 ) -> Qwen2ForCausalLM:
-    """An uninitialized model directly in `dtype` on `device` (no float32 copy on the way)."""
+    """An uninitialized model directly in `dtype` on `device` (no float32 copy on the way).
+    The linear layers named in `no_weight` (module paths) get an empty weight, never
+    allocated at its size (a lean load's projections)."""
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config, attention_backend=backend)
+    for name in no_weight:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        linear.weight.data = linear.weight.new_empty(0)
     model.to(dtype=dtype)
     model.to_empty(device=device)
     if config.tie_word_embeddings:
@@ -516,14 +529,17 @@ def _load_gguf(
     show_progress: bool,
     int4: dict[str, Int4Weight | PackedQ4F32] | None = None,
     lean: bool = False,
+    unpacked: bool = True,
 ) -> LoadedModel:
     """Load a GGUF file; with `int4`, also collect its Q4_0/Q4_1 projection weights there.
 
     lean (with `int4`): the projections whose every part the file stores as Q4_0/Q4_1 in a
     shape the exact float32 kernel takes are not dequantized at all: each is packed for that
-    kernel as soon as its parts are read (int4[its own name], a PackedQ4F32) and its dense
-    parameter is never written, so never resident. Only for a model whose exact kernels will
-    take every call (load_model releases those parameters afterwards)."""
+    kernel as soon as its parts are read (int4[its own name], a PackedQ4F32) and has no dense
+    parameter (an empty one, given its real size only if the kernel refuses the blocks and
+    they load densely after all). Only for a model whose exact kernels will take every call.
+    unpacked: also collect the other Q4_0/Q4_1 weights, unpacked (for the lossy kernel or the
+    AMX tiles)."""
     import gguf
 
     try:
@@ -575,7 +591,8 @@ def _load_gguf(
             if proj is not None and int4 is not None:  # lean: never dequantized
                 got = pending.setdefault(proj, {})
                 got[hf_name] = (tensor, blocks(tensor))
-                yield hf_name, None
+                # a meta tensor: load_weights checks its shape and copies nothing
+                yield hf_name, torch.empty(_hf_shape(tensor), device="meta")
                 if len(got) < len(lean_parts[proj]):
                     continue
                 del pending[proj]
@@ -583,16 +600,29 @@ def _load_gguf(
                 try:
                     int4[proj] = PackedQ4F32.pack(Int4Weight.cat([w4 for _, w4 in parts]))
                 except ValueError:  # blocks the kernel cannot take: dense after all
-                    for name, (part, _) in zip(lean_parts[proj], parts, strict=True):
+                    linear = model.get_submodule(_module_name(proj))
+                    assert isinstance(linear, nn.Linear)
+                    linear.weight.data = torch.empty(
+                        linear.out_features, linear.in_features, dtype=dtype, device=device
+                    )
+                    for name, (part, w4) in zip(lean_parts[proj], parts, strict=True):
+                        if unpacked:
+                            int4[name] = w4
                         yield name, torch.from_numpy(dense(part))
                 continue
             data = dense(tensor)
             qtype = tensor.tensor_type.name
-            if int4 is not None and qtype in ("Q4_0", "Q4_1") and ".layers." in hf_name:
+            if (
+                int4 is not None
+                and unpacked
+                and qtype in ("Q4_0", "Q4_1")
+                and ".layers." in hf_name
+            ):
                 int4[hf_name] = blocks(tensor)
             yield hf_name, torch.from_numpy(data)
 
-    model = _build_model(config, dtype, device, backend)
+    # no dense copy for the lean projections: never allocated
+    model = _build_model(config, dtype, device, backend, map(_module_name, lean_parts))
     total = sum(1 for name in tensors if name != "rope_freqs.weight")
     _load_weights(model, weights(), total, path, show_progress)
     if "rope_freqs.weight" in tensors:
@@ -602,6 +632,12 @@ def _load_gguf(
     loaded.quantized_output = output.tensor_type.name not in ("F32", "F16", "BF16")
     loaded.gguf_output = output
     return loaded
+
+
+def _module_name(weight_name: str) -> str:
+    """model.layers.3.self_attn.qkv_proj.weight -> layers.3.self_attn.qkv_proj (the model's
+    own module path)."""
+    return weight_name.removeprefix("model.").removesuffix(".weight")
 
 
 def _lean_projections(tensors: dict[str, Any], num_layers: int) -> dict[str, tuple[str, ...]]:

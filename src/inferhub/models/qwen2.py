@@ -21,6 +21,7 @@ from inferhub.layers.attention import KERNEL_BACKENDS, AttentionMetadata, paged_
 from inferhub.layers.norm import RMSNorm
 from inferhub.layers.quant_linear import (
     ALL_ROWS,
+    EXACT_Q8_MAX_ROWS,
     GROUP,
     ExactQ8Linear,
     Int4Linear,
@@ -303,11 +304,14 @@ class Qwen2ForCausalLM(nn.Module):
         if isinstance(self.lm_head, nn.Linear):
             self.lm_head = Int8Linear(self.lm_head)  # type: ignore[assignment]
 
-    def use_exact_q8_lm_head(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        """Small float32 batches compute logits on the file's own Q8_0 blocks of the output
-        projection (exact: ExactQ8Linear)."""
+    def use_exact_q8_lm_head(
+        self, q: torch.Tensor, scale: torch.Tensor, max_rows: int = EXACT_Q8_MAX_ROWS
+    ) -> None:
+        """float32 batches of up to max_rows sequences compute logits on the file's own Q8_0
+        blocks of the output projection (exact: ExactQ8Linear)."""
         if isinstance(self.lm_head, nn.Linear):
-            self.lm_head = ExactQ8Linear(self.lm_head, q, scale)  # type: ignore[assignment]
+            head = ExactQ8Linear(self.lm_head, q, scale, max_rows)
+            self.lm_head = head  # type: ignore[assignment]
 
     def release_dense_weights(self) -> int:
         """Free the dense weights that no call reads any more: those of projections (and of
@@ -318,13 +322,9 @@ class Qwen2ForCausalLM(nn.Module):
         if self.lm_head.weight is not self.embed_tokens.weight:  # tied: the embedding's
             modules.append(self.lm_head)
         for module in modules:
-            if (
-                isinstance(module, _LowBitLinear)
-                and module.exact
-                and module.max_rows >= ALL_ROWS
-                and not module.dense_released
-            ):
-                freed += module.weight.numel() * module.weight.element_size()
+            if isinstance(module, _LowBitLinear) and module.exact and module.max_rows >= ALL_ROWS:
+                # counted at the dense size: a lean load never allocated it in the first place
+                freed += module.in_features * module.out_features * module.weight.element_size()
                 module.release_dense()
         return freed
 
@@ -415,8 +415,9 @@ class Qwen2ForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | None]]) -> None:
         """Load tensors named as in a Hugging Face checkpoint (model.layers.N.self_attn...).
-        A None tensor counts as loaded but leaves the parameter as it is: a lean load passes
-        the projections whose file blocks a kernel serves instead (never read densely)."""
+        A meta tensor (or None) counts as loaded but leaves the parameter as it is: a lean
+        load passes the projections whose file blocks a kernel serves instead (never read
+        densely); a meta tensor's shape is checked."""
         params = dict(self.named_parameters())
         cfg = self.config
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -442,7 +443,16 @@ class Qwen2ForCausalLM(nn.Module):
             if target not in params:
                 raise KeyError(f"unexpected weight {name!r} in checkpoint")
             param = params[target]
-            if tensor is None:
+            if tensor is None or tensor.is_meta:
+                # a lean load's projection: its blocks go to a kernel, its parameter stays
+                # empty; only the shape is checked
+                linear = self.get_submodule(target.rsplit(".", 1)[0])
+                rows = shard[1] if shard is not None else getattr(linear, "out_features", -1)
+                want = (rows, getattr(linear, "in_features", -1))
+                if tensor is not None and tuple(tensor.shape) != want:
+                    raise ValueError(
+                        f"weight {name!r} has shape {tuple(tensor.shape)}, expected {want}"
+                    )
                 loaded.add(f"{target}:{shard}")
                 continue
             with torch.no_grad():
