@@ -1,10 +1,10 @@
-"""Memory and time of loading a Q4_0 GGUF model in float32, by how the 4-bit blocks are kept.
+"""Memory and time of loading a Q4_0 (or Q8_0) GGUF model in float32, by how the 4-bit blocks are kept.
 Peak and final resident sizes include the file's pages mapped while it is read.
 
 Writes a GGUF file with random weights in the shapes of a real model (Qwen2-0.5B by default,
 `--shape qwen2-1.5b` / `qwen2-7b` for the larger ones; the embedded default's tokenizer, so
-the vocabulary is 49152), Q4_0 projections and a tied Q8_0 embedding, as llama.cpp writes a
-Q4_0 file. Then each mode loads it in a fresh process and reports the load time, the peak
+the vocabulary is 49152), Q4_0 projections (`--qtype Q8_0`: Q8_0 ones) and a tied Q8_0
+embedding, as llama.cpp writes such a file. Then each mode loads it in a fresh process and reports the load time, the peak
 and the final resident memory, and the logits of one prompt (compared across modes):
 
 - lean (`int4_max_rows` = every call: the default on AVX2 without AVX-512): the
@@ -62,7 +62,7 @@ def random_blocks(rng: np.random.Generator, n: int, k: int, qtype: str) -> np.nd
     return np.concatenate([d.view(np.uint8).reshape(n, groups, 2), qs], axis=-1).reshape(n, -1)
 
 
-def write_model(path: Path, shape: str, seed: int) -> None:
+def write_model(path: Path, shape: str, seed: int, qtype: str = "Q4_0") -> None:
     import gguf
 
     hidden, inter, layers, heads, kv_heads = SHAPES[shape]
@@ -88,7 +88,7 @@ def write_model(path: Path, shape: str, seed: int) -> None:
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(1000000.0)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     writer.add_tokenizer_model(field("tokenizer.ggml.model"))
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -98,7 +98,7 @@ def write_model(path: Path, shape: str, seed: int) -> None:
     writer.add_eos_token_id(int(field("tokenizer.ggml.eos_token_id")))
     writer.add_chat_template(field("tokenizer.chat_template"))
     rng = np.random.default_rng(seed)
-    q4, q8 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
+    q4, q8 = gguf.GGMLQuantizationType[qtype], gguf.GGMLQuantizationType.Q8_0
 
     def add(name: str, n: int, k: int, qtype: Any) -> None:
         raw = random_blocks(rng, n, k, qtype.name)
@@ -146,7 +146,7 @@ with torch.inference_mode():
     logits = lm.model.compute_logits(lm.model(torch.tensor(ids), ar, caches, meta)[-1:])
 np.save(out, logits.float().numpy())
 print(json.dumps({"load_s": took, "rss": rss, "peak": peak, "released": lm.released_bytes,
-                  "exact": sum(1 for m in lm.model.modules() if getattr(m, "q4f32", None) is not None)}))
+                  "exact": sum(1 for m in lm.model.layers.modules() if getattr(m, "exact", False))}))
 """
 
 
@@ -155,13 +155,14 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-0.5b")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--qtype", choices=["Q4_0", "Q8_0"], default="Q4_0", help="projections'")
     ap.add_argument("--dir", default=None, help="where the file goes (default: a temp dir)")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        path = Path(tmp) / f"random-{args.shape}-q4_0.gguf"
+        path = Path(tmp) / f"random-{args.shape}-{args.qtype.lower()}.gguf"
         t = time.perf_counter()
-        write_model(path, args.shape, args.seed)
+        write_model(path, args.shape, args.seed, args.qtype)
         print(
             f"wrote {path.name}: {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s"
         )
@@ -193,7 +194,13 @@ def main() -> None:
     print_table(rows, [*columns, "same_argmax", "error"])
     out = write_json(
         "bench_load_memory",
-        {"shape": args.shape, "file_bytes": size, "machine": machine(), "rows": rows},
+        {
+            "shape": args.shape,
+            "qtype": args.qtype,
+            "file_bytes": size,
+            "machine": machine(),
+            "rows": rows,
+        },
     )
     print(f"wrote {out}")
 

@@ -492,13 +492,59 @@ def test_f32_logits_read_a_q8_0_files_output_rows(tmp_path: Path, arch: str) -> 
     assert not load(path, torch.bfloat16, weight_quant="none").exact_q8_lm_head
 
 
+@pytest.fixture(scope="module")
+def q8(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-q8")
+    return {f"{a}-Q8_0": make_tiny_gguf(root, a, quant="Q8_0") for a in ARCHS}
+
+
 @needs_avx2
-@pytest.mark.parametrize("name", ["qwen2-Q4_1", "llama-Q4_0"])
-def test_f32_decode_layers_in_one_call_equal_the_layer_by_layer_path(
-    q4: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_lean_load_runs_a_q8_0_files_projections_on_their_own_blocks(
+    q8: dict[str, Path], arch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """float32 on the exact 4-bit kernel with the C kernels: decode steps of up to
-    F32_MAX_ROWS sequences run every layer in one C call; tokens and log-probabilities are
+    """A Q8_0 file where the exact kernels take every call: every projection (q/k/v fused,
+    Llama's q/k rows unpermuted) runs the exact 8-bit kernel on the file's blocks, is never
+    dequantized and has no dense copy; logits equal the dense load's up to the order of
+    float32 sums, and transformers'."""
+    from inferhub.layers.quant_linear import ExactQ8Linear
+
+    path = q8[f"{arch}-Q8_0"]
+    dequantized = record_dequantized(monkeypatch)
+    lm = load(path, weight_quant="none", int4_max_rows=ALL_ROWS)
+    monkeypatch.undo()
+    layers = lm.config.num_hidden_layers
+    projections = [m for m in lm.model.layers.modules() if isinstance(m, ExactQ8Linear)]
+    assert len(projections) == 4 * layers == lm.int4_projections
+    assert all(p.dense_released and p.max_rows == ALL_ROWS for p in projections)
+    weights = [n for n in dequantized if n.startswith("blk.") and n.endswith(".weight")]
+    assert weights and all("_norm." in n for n in weights)  # the norms only
+    dense = load(path, weight_quant="none", int4_max_rows=0)
+    assert dense.int4_projections == 0
+    ids = lm.tokenizer.encode("Once upon a time, in a land far away")
+    torch.testing.assert_close(our_logits(lm, ids), our_logits(dense, ids), atol=1e-5, rtol=1e-5)
+    assert_logits_match(lm, hf_model(path.parent, gguf_file=path.name))
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    ("name", "kernel"),
+    [
+        ("qwen2-Q4_1", cpu_kernels.KERNEL_Q4_F32),
+        ("llama-Q4_0", cpu_kernels.KERNEL_Q4_F32),
+        ("qwen2-Q8_0", cpu_kernels.KERNEL_Q8_F32),
+        ("llama-Q8_0", cpu_kernels.KERNEL_Q8_F32),
+    ],
+)
+def test_f32_decode_layers_in_one_call_equal_the_layer_by_layer_path(
+    q4: dict[str, Path],
+    q8: dict[str, Path],
+    name: str,
+    kernel: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """float32 on the exact 4-bit (or, for a Q8_0 file loaded lean, 8-bit) kernel with the
+    C kernels: decode steps run every layer in one C call; tokens and log-probabilities are
     exactly those of the Python path, for single and batched decodes."""
     kernels: list[tuple[int, int]] = []
     real = cpu_kernels.decode_q4_layers
@@ -512,16 +558,18 @@ def test_f32_decode_layers_in_one_call_equal_the_layer_by_layer_path(
     def run(one_call: bool) -> list[list[tuple[int, float]]]:
         llm = LLM(
             EngineConfig(
-                model=str(q4[name]),
+                model=str({**q4, **q8}[name]),
                 dtype="float32",
                 attention_backend="cpu",
                 kv_cache_memory=1 << 24,
                 show_progress=False,
+                # Q8_0 projections take the exact kernel in a lean load only (every call)
+                int4_max_rows=ALL_ROWS if kernel == cpu_kernels.KERNEL_Q8_F32 else None,
             )
         )
         model = llm.engine.runner.model
         assert model._q4_plan is not None
-        assert model._q4_plan.small_kernel == cpu_kernels.KERNEL_Q4_F32
+        assert model._q4_plan.small_kernel == kernel
         if not one_call:
             model._q4_plan = None
         prompts = [[5, 9, 2, 7, 1, 3, 8][:n] for n in (7, 3, 5, 2, 6)] + [[4, 4, 6]]
@@ -533,7 +581,7 @@ def test_f32_decode_layers_in_one_call_equal_the_layer_by_layer_path(
         ]
 
     fast = run(one_call=True)
-    assert set(kernels) == {(1, cpu_kernels.KERNEL_Q4_F32), (6, cpu_kernels.KERNEL_Q4_F32)}
+    assert set(kernels) == {(1, kernel), (6, kernel)}
     kernels.clear()
     slow = run(one_call=False)
     assert not kernels

@@ -543,9 +543,10 @@ def q8_linear_bf16(
 
 # Addresses per layer in decode_q4_layers' weight table (csrc/decode_layers.c, LAYER_PTRS).
 DECODE_LAYER_PTRS = 7
-# The 4-bit kernel a weight table is packed for (decode_layers.c's KERNEL_*): q4_pack's
-# (bfloat16), amx_q4_pack's (bfloat16), q4f32_pack's (float32).
-KERNEL_Q4_BF16, KERNEL_AMX_Q4, KERNEL_Q4_F32 = 0, 1, 2
+# The low-bit kernel a weight table is packed for (decode_layers.c's KERNEL_*): q4_pack's
+# (bfloat16), amx_q4_pack's (bfloat16), q4f32_pack's (float32), q8f32_pack's (float32).
+KERNEL_Q4_BF16, KERNEL_AMX_Q4, KERNEL_Q4_F32, KERNEL_Q8_F32 = 0, 1, 2, 3
+FLOAT32_KERNELS = (KERNEL_Q4_F32, KERNEL_Q8_F32)
 
 
 def decode_q4_layers(
@@ -567,13 +568,13 @@ def decode_q4_layers(
 ) -> torch.Tensor:
     """All decoder layers of a decode step and the final norm, in one call (decode_layers.c).
 
-    x: (M, hidden) embeddings, float32 for KERNEL_Q4_F32, else bfloat16; weights: int64
+    x: (M, hidden) embeddings, float32 for the float32 kernels, else bfloat16; weights: int64
     (layers * DECODE_LAYER_PTRS,) addresses (qkv, qkv bias or 0, o, gate_up, down packed for
     `kernel`, then the two norm weights, in x's dtype); caches:
     int64 (layers * 2,) addresses of each layer's key and value cache; shape: (layers, hidden,
     heads, kv heads, head dim, intermediate). positions, slots int64; block tables and
     context lengths int32, as for paged_decode_attention. Returns the final hidden states."""
-    want = torch.float32 if kernel == KERNEL_Q4_F32 else torch.bfloat16
+    want = torch.float32 if kernel in FLOAT32_KERNELS else torch.bfloat16
     if x.dtype != want:
         raise TypeError(f"the decode layers of kernel {kernel} take {want}, not {x.dtype}")
     m, hidden = x.shape

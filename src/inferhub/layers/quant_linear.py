@@ -370,23 +370,41 @@ def q8_0_blocks(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, 
     return torch.from_numpy(q), torch.from_numpy(d)
 
 
+@dataclass
+class PackedQ8F32:
+    """A GGUF file's Q8_0 blocks (w = d * q) of a matrix, or of a fused projection's parts
+    stacked by rows, in the exact float32 8-bit kernel's layout (cpu_kernels.q8f32_pack)."""
+
+    packed: torch.Tensor
+    shape: tuple[int, int]  # (N, K) of the dense weight
+
+    @staticmethod
+    def pack(q: torch.Tensor, scale: torch.Tensor) -> PackedQ8F32:
+        """q (N, K) int8, scale (N, K // 32) float32 holding float16 numbers; raises
+        ValueError when the kernel cannot take them."""
+        n, k = q.shape
+        return PackedQ8F32(cpu_kernels.q8f32_pack(q, scale), (int(n), int(k)))
+
+
 class ExactQ8Linear(_LowBitLinear):
-    """Small float32 calls on a GGUF file's own Q8_0 blocks (w = d * q, exact in float32)
-    through csrc/lowbit_avx2.c, which rebuilds the dense weights exactly (AVX2: the output
-    projection of a float32 model read at about a quarter of the bytes); large ones dense."""
+    """float32 calls of up to max_rows rows on a GGUF file's own Q8_0 blocks (w = d * q,
+    exact in float32) through csrc/lowbit_avx2.c, which rebuilds the dense weights exactly
+    (AVX2: a quarter of the bytes a float32 weight reads); larger ones dense. The output
+    projection of a Q8_0 file, and a lean load's Q8_0 projections."""
 
     bits = 8
     q8f32: torch.Tensor
 
     def __init__(
-        self,
-        linear: nn.Linear,
-        q: torch.Tensor,
-        scale: torch.Tensor,
-        max_rows: int = EXACT_Q8_MAX_ROWS,
+        self, linear: nn.Linear, weight: PackedQ8F32, max_rows: int = EXACT_Q8_MAX_ROWS
     ) -> None:
+        if weight.shape != (linear.out_features, linear.in_features):
+            raise ValueError(
+                f"8-bit weight of shape {weight.shape} for a linear layer of shape "
+                f"{(linear.out_features, linear.in_features)}"
+            )
         super().__init__(linear, max_rows)
-        self.register_buffer("q8f32", cpu_kernels.q8f32_pack(q, scale), persistent=False)
+        self.register_buffer("q8f32", weight.packed, persistent=False)
 
     @property
     def exact(self) -> bool:

@@ -28,6 +28,8 @@ from inferhub.layers.quant_linear import (
     Int4Weight,
     Int8Linear,
     PackedQ4F32,
+    PackedQ8F32,
+    _LowBitLinear,
     int4_supported,
     q8_0_blocks,
 )
@@ -86,7 +88,7 @@ def load_model(
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     source = os.path.abspath(path)
-    int4: dict[str, Int4Weight | PackedQ4F32] = {}
+    int4: dict[str, Int4Weight | PackedQ4F32 | PackedQ8F32] = {}
     tiles = False  # AMX tiles on the file's 4-bit blocks (GGUF only)
     exact32 = False  # the exact float32 4-bit kernel on the file's blocks (GGUF only)
     lean = False  # ... taking every call: those projections are never loaded densely
@@ -142,15 +144,20 @@ def load_model(
     if rows is None:
         rows = TILES_MAX_ROWS if tiles else DEFAULT_MAX_ROWS
     if int4:
-        packed = {name for name, w in int4.items() if isinstance(w, PackedQ4F32)}
+        packed = {n for n, w in int4.items() if isinstance(w, (PackedQ4F32, PackedQ8F32))}
+        eight = {n: w for n, w in int4.items() if isinstance(w, PackedQ8F32)}
+        four = {n: w for n, w in int4.items() if not isinstance(w, PackedQ8F32)}
+        int4.clear()
         converted = loaded.model.use_int4(
-            int4, rows if keep else 0, tiles=tiles, exact_rows=exact_rows if exact32 else 0
+            four, rows if keep else 0, tiles=tiles, exact_rows=exact_rows if exact32 else 0
         )
-        int4.clear()  # packed now: the unpacked blocks (a byte a weight) can go
+        four.clear()  # packed now: the unpacked blocks (a byte a weight) can go
+        if eight:  # a lean load's Q8_0 projections (exact_rows: every call)
+            loaded.int4_projections += loaded.model.use_exact_q8(eight, exact_rows)
         taken = {
             f"model.{name}"
             for name, module in loaded.model.named_modules()
-            if isinstance(module, Int4Linear) and module.q4f32 is not None
+            if isinstance(module, _LowBitLinear) and module.exact
         }
         if missed := {name.removesuffix(".weight") for name in packed} - taken:
             # their dense parameters were never written: they must not serve
@@ -527,15 +534,16 @@ def _load_gguf(
     device: torch.device,
     backend: str,
     show_progress: bool,
-    int4: dict[str, Int4Weight | PackedQ4F32] | None = None,
+    int4: dict[str, Int4Weight | PackedQ4F32 | PackedQ8F32] | None = None,
     lean: bool = False,
     unpacked: bool = True,
 ) -> LoadedModel:
     """Load a GGUF file; with `int4`, also collect its Q4_0/Q4_1 projection weights there.
 
-    lean (with `int4`): the projections whose every part the file stores as Q4_0/Q4_1 in a
-    shape the exact float32 kernel takes are not dequantized at all: each is packed for that
-    kernel as soon as its parts are read (int4[its own name], a PackedQ4F32) and has no dense
+    lean (with `int4`): the projections whose every part the file stores as Q4_0/Q4_1, or
+    every part as Q8_0, in a shape the exact float32 kernels take are not dequantized at all:
+    each is packed for its kernel as soon as its parts are read (int4[its own name], a
+    PackedQ4F32 or PackedQ8F32) and has no dense
     parameter (an empty one, given its real size only if the kernel refuses the blocks and
     they load densely after all). Only for a model whose exact kernels will take every call.
     unpacked: also collect the other Q4_0/Q4_1 weights, unpacked (for the lossy kernel or the
@@ -560,7 +568,7 @@ def _load_gguf(
     lean_parts = (
         _lean_projections(tensors, config.num_hidden_layers) if lean and int4 is not None else {}
     )
-    part_of = {part: proj for proj, parts in lean_parts.items() for part in parts}
+    part_of = {part: proj for proj, (parts, _) in lean_parts.items() for part in parts}
 
     def unpermute(tensor: Any, n: int) -> np.ndarray | None:
         """The row order that undoes llama.cpp's q/k permutation, or None."""
@@ -581,33 +589,50 @@ def _load_gguf(
         rows = unpermute(tensor, shape[0])
         return w4 if rows is None else w4.permute_rows(rows)
 
+    def blocks8(tensor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = _hf_shape(tensor)
+        q, d = q8_0_blocks(tensor.data, (shape[0], shape[1]))
+        rows = unpermute(tensor, shape[0])
+        if rows is None:
+            return q, d
+        index = torch.from_numpy(np.ascontiguousarray(rows))
+        return q[index], d[index]
+
+    def pack(kind: str, parts: list[Any]) -> PackedQ4F32 | PackedQ8F32:
+        if kind == "q8":
+            return PackedQ8F32.pack(
+                torch.cat([q for q, _ in parts]), torch.cat([d for _, d in parts])
+            )
+        return PackedQ4F32.pack(Int4Weight.cat(parts))
+
     def weights() -> Iterator[tuple[str, torch.Tensor | None]]:
-        pending: dict[str, dict[str, tuple[Any, Int4Weight]]] = {}
+        pending: dict[str, dict[str, tuple[Any, Any]]] = {}
         for tensor in reader.tensors:
             if tensor.name == "rope_freqs.weight":
                 continue
             hf_name = gguf_to_hf_name(tensor.name)
             proj = part_of.get(hf_name)
             if proj is not None and int4 is not None:  # lean: never dequantized
+                names, kind = lean_parts[proj]
                 got = pending.setdefault(proj, {})
-                got[hf_name] = (tensor, blocks(tensor))
+                got[hf_name] = (tensor, blocks8(tensor) if kind == "q8" else blocks(tensor))
                 # a meta tensor: load_weights checks its shape and copies nothing
                 yield hf_name, torch.empty(_hf_shape(tensor), device="meta")
-                if len(got) < len(lean_parts[proj]):
+                if len(got) < len(names):
                     continue
                 del pending[proj]
-                parts = [got[name] for name in lean_parts[proj]]
+                parts = [got[name] for name in names]
                 try:
-                    int4[proj] = PackedQ4F32.pack(Int4Weight.cat([w4 for _, w4 in parts]))
+                    int4[proj] = pack(kind, [b for _, b in parts])
                 except ValueError:  # blocks the kernel cannot take: dense after all
                     linear = model.get_submodule(_module_name(proj))
                     assert isinstance(linear, nn.Linear)
                     linear.weight.data = torch.empty(
                         linear.out_features, linear.in_features, dtype=dtype, device=device
                     )
-                    for name, (part, w4) in zip(lean_parts[proj], parts, strict=True):
-                        if unpacked:
-                            int4[name] = w4
+                    for name, (part, b) in zip(names, parts, strict=True):
+                        if unpacked and kind == "q4":
+                            int4[name] = b
                         yield name, torch.from_numpy(dense(part))
                 continue
             data = dense(tensor)
@@ -640,22 +665,31 @@ def _module_name(weight_name: str) -> str:
     return weight_name.removeprefix("model.").removesuffix(".weight")
 
 
-def _lean_projections(tensors: dict[str, Any], num_layers: int) -> dict[str, tuple[str, ...]]:
-    """The (fused) projections whose every part the file stores as Q4_0/Q4_1, in a shape the
-    exact float32 kernel takes (whole tasks of 16 outputs, groups of 32 inputs): each
-    projection's own name -> its parts' checkpoint names, in row order."""
+_LEAN_KINDS = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}
+
+
+def _lean_projections(
+    tensors: dict[str, Any], num_layers: int
+) -> dict[str, tuple[tuple[str, ...], str]]:
+    """The (fused) projections whose every part the file stores in 4 bits (Q4_0/Q4_1) or
+    every part in 8 bits (Q8_0), in a shape the exact float32 kernels take (whole tasks of 16
+    outputs, groups of 32 inputs): each projection's own name -> (its parts' checkpoint names
+    in row order, "q4" or "q8")."""
     by_name: dict[str, Any] = {}
     for name, tensor in tensors.items():
         try:
             by_name[gguf_to_hf_name(name)] = tensor
         except ValueError:  # not a weight of ours: the load itself says so
             continue
-    lean: dict[str, tuple[str, ...]] = {}
+    lean: dict[str, tuple[tuple[str, ...], str]] = {}
     for i in range(num_layers):
         for parts in Qwen2ForCausalLM._PROJECTIONS.values():
             names = tuple(f"model.layers.{i}.{part}.weight" for part in parts)
-            found = [by_name.get(name) for name in names]
-            if any(t is None or t.tensor_type.name not in ("Q4_0", "Q4_1") for t in found):
+            if not all(name in by_name for name in names):
+                continue
+            found = [by_name[name] for name in names]
+            kinds = {_LEAN_KINDS.get(t.tensor_type.name, "") for t in found}
+            if len(kinds) != 1 or "" in kinds:
                 continue
             shapes = [_hf_shape(t) for t in found]
             k = shapes[0][-1]
@@ -663,7 +697,7 @@ def _lean_projections(tensors: dict[str, Any], num_layers: int) -> dict[str, tup
                 continue
             if sum(sh[0] for sh in shapes) % 16:
                 continue
-            lean[Qwen2ForCausalLM.projection_name(i, parts)] = names
+            lean[Qwen2ForCausalLM.projection_name(i, parts)] = (names, kinds.pop())
     return lean
 
 

@@ -28,6 +28,7 @@ from inferhub.layers.quant_linear import (
     Int4Weight,
     Int8Linear,
     PackedQ4F32,
+    PackedQ8F32,
     _LowBitLinear,
 )
 from inferhub.layers.rotary import RotaryEmbedding, apply_rotary
@@ -253,14 +254,14 @@ class Qwen2ForCausalLM(nn.Module):
         if not layers or dtype not in (torch.bfloat16, torch.float32):
             return None
         # per layer: its four projections and its two norm weights
-        parts: list[tuple[list[Int4Linear], list[torch.Tensor]]] = []
+        parts: list[tuple[list[Int4Linear | ExactQ8Linear], list[torch.Tensor]]] = []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             projs = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
             norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             if any(w.dtype != dtype or not w.is_contiguous() for w in norms):
                 return None
-            if not all(isinstance(p, Int4Linear) for p in projs):
+            if not all(isinstance(p, (Int4Linear, ExactQ8Linear)) for p in projs):
                 return None
             if any(p.bias is not None for p in projs[1:]):
                 return None
@@ -270,7 +271,7 @@ class Qwen2ForCausalLM(nn.Module):
         def table(attr: str) -> torch.Tensor | None:
             addresses: list[int] = []
             for projs, norms in parts:
-                packed = [getattr(p, attr) for p in projs]
+                packed = [getattr(p, attr, None) for p in projs]
                 if any(t is None for t in packed):
                     return None
                 tensors = [packed[0], projs[0].bias, *packed[1:], *norms]
@@ -279,7 +280,11 @@ class Qwen2ForCausalLM(nn.Module):
             assert len(addresses) == cpu_kernels.DECODE_LAYER_PTRS * len(self.layers)
             return torch.tensor(addresses, dtype=torch.int64)
 
-        if dtype == torch.float32:
+        if dtype == torch.float32 and all(
+            isinstance(p, ExactQ8Linear) for ps, _ in parts for p in ps
+        ):
+            small, kernel, tiles = table("q8f32"), cpu_kernels.KERNEL_Q8_F32, None
+        elif dtype == torch.float32:
             small, kernel, tiles = table("q4f32"), cpu_kernels.KERNEL_Q4_F32, None
         else:
             small, kernel, tiles = table("q4"), cpu_kernels.KERNEL_Q4_BF16, table("amx_q4")
@@ -310,8 +315,22 @@ class Qwen2ForCausalLM(nn.Module):
         """float32 batches of up to max_rows sequences compute logits on the file's own Q8_0
         blocks of the output projection (exact: ExactQ8Linear)."""
         if isinstance(self.lm_head, nn.Linear):
-            head = ExactQ8Linear(self.lm_head, q, scale, max_rows)
+            head = ExactQ8Linear(self.lm_head, PackedQ8F32.pack(q, scale), max_rows)
             self.lm_head = head  # type: ignore[assignment]
+
+    def use_exact_q8(self, weights: Mapping[str, PackedQ8F32], max_rows: int) -> int:
+        """Run the projections named in `weights` (model.layers.N.self_attn.qkv_proj.weight:
+        a file's Q8_0 blocks of all its parts, packed) on the exact float32 8-bit kernel for
+        calls of up to max_rows rows. Returns how many were converted."""
+        converted = 0
+        for i, parent, attr, parts in self._projections():
+            packed = weights.get(self.projection_name(i, parts))
+            linear = getattr(parent, attr)
+            if packed is not None and isinstance(linear, nn.Linear):
+                setattr(parent, attr, ExactQ8Linear(linear, packed, max_rows))
+                converted += 1
+        self._q4_plan = self._plan_q4_decode()
+        return converted
 
     def release_dense_weights(self) -> int:
         """Free the dense weights that no call reads any more: those of projections (and of

@@ -3,7 +3,8 @@
  * weight_quant auto, the single stream's path) or the AMX tiles that rebuild a GGUF file's
  * bfloat16 weights from its 4 bits (amx_gemm.c: decode batches up to 384 sequences, whatever
  * weight_quant says); in float32, the AVX2 kernel of lowbit_avx2.c that rebuilds a GGUF
- * file's float32 weights (small batches, whatever weight_quant says).
+ * file's float32 weights (small batches, whatever weight_quant says), or its 8-bit twin on a
+ * Q8_0 file's projections.
  *
  * A decode token of SmolLM2 makes about 300 calls into C per step through Python (norms,
  * projections, rotary, cache writes, attention, activation), each paying the interpreter,
@@ -41,9 +42,12 @@ int inferhub_amx_q4_linear_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t
 int inferhub_q4f32_linear(const float *x, int64_t m, int64_t k, int64_t x_stride,
                           const uint8_t *packed, int64_t n, const float *bias, float *out,
                           int num_threads);
+int inferhub_q8f32_linear(const float *x, int64_t m, int64_t k, int64_t x_stride,
+                          const uint8_t *packed, int64_t n, const float *bias, float *out,
+                          int num_threads);
 
-/* Which 4-bit kernel the weight table is packed for. */
-enum { KERNEL_Q4_BF16 = 0, KERNEL_AMX_Q4 = 1, KERNEL_Q4_F32 = 2 };
+/* Which low-bit kernel the weight table is packed for. */
+enum { KERNEL_Q4_BF16 = 0, KERNEL_AMX_Q4 = 1, KERNEL_Q4_F32 = 2, KERNEL_Q8_F32 = 3 };
 
 static int linear(int kernel, const void *x, int64_t m, int64_t k, int64_t x_stride,
                   const uint8_t *packed, int64_t n, const void *bias, void *out,
@@ -56,15 +60,18 @@ static int linear(int kernel, const void *x, int64_t m, int64_t k, int64_t x_str
                                            num_threads);
     case KERNEL_Q4_F32:
         return inferhub_q4f32_linear(x, m, k, x_stride, packed, n, bias, out, num_threads);
+    case KERNEL_Q8_F32:
+        return inferhub_q8f32_linear(x, m, k, x_stride, packed, n, bias, out, num_threads);
     default:
         return -3;
     }
 }
 
 /* Per layer, LAYER_PTRS addresses in `weights`: qkv, qkv bias (0: none), o, gate_up, down
- * (4-bit, packed for `kernel`: KERNEL_Q4_BF16 lowbit_gemv.c's, KERNEL_AMX_Q4 the AMX tiles',
- * KERNEL_Q4_F32 lowbit_avx2.c's), input and post-attention norm weights (the model's dtype:
- * float32 for KERNEL_Q4_F32, else bfloat16); in `caches`: the layer's key and value cache. */
+ * (packed for `kernel`: KERNEL_Q4_BF16 lowbit_gemv.c's, KERNEL_AMX_Q4 the AMX tiles',
+ * KERNEL_Q4_F32 / KERNEL_Q8_F32 lowbit_avx2.c's 4-/8-bit), input and post-attention norm
+ * weights (the model's dtype: float32 for the float32 kernels, else bfloat16); in `caches`:
+ * the layer's key and value cache. */
 #define LAYER_PTRS 7
 enum { W_QKV, W_QKV_BIAS, W_O, W_GATE_UP, W_DOWN, W_LN1, W_LN2 };
 
@@ -79,7 +86,7 @@ int inferhub_decode_q4_layers(const void *x, void *out, int64_t m,
                               const int32_t *context_lens, int64_t max_blocks,
                               int64_t block_size, const float *cos_cache,
                               const float *sin_cache, int kernel, int num_threads) {
-    const int dtype = kernel == KERNEL_Q4_F32 ? 0 : 1; /* 0 float32, 1 bfloat16 */
+    const int dtype = kernel == KERNEL_Q4_F32 || kernel == KERNEL_Q8_F32 ? 0 : 1; /* 0: f32 */
     const size_t elem = dtype == 1 ? sizeof(uint16_t) : sizeof(float);
     const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
     const int64_t qkv_n = q_size + 2 * kv_size;
