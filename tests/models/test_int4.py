@@ -527,6 +527,32 @@ def test_f32_lean_load_runs_a_q8_0_files_projections_on_their_own_blocks(
 
 
 @needs_avx2
+def test_f32_lean_load_with_4_and_8_bit_projections_in_one_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Q4_0 file whose down projections are Q8_0 (as llama.cpp's mixed files): each
+    projection on its own exact kernel, none dequantized; the one-call decode (one kernel for
+    all) steps aside for the layer-by-layer path; logits equal the dense load's. If the 8-bit
+    projections are not installed, the load fails instead of serving empty weights."""
+    from inferhub.layers.quant_linear import ExactQ8Linear
+    from inferhub.models.qwen2 import Qwen2ForCausalLM
+
+    path = make_tiny_gguf(tmp_path, "llama", quant="Q4_0", mixed={"ffn_down": "Q8_0"})
+    lm = load(path, weight_quant="none", int4_max_rows=ALL_ROWS)
+    layers = lm.config.num_hidden_layers
+    assert lm.int4_projections == 4 * layers
+    assert all(isinstance(layer.mlp.down_proj, ExactQ8Linear) for layer in lm.model.layers)
+    assert len([p for p in int4_layers(lm) if p.q4f32 is not None]) == 3 * layers
+    assert lm.model._q4_plan is None
+    dense = load(path, weight_quant="none", int4_max_rows=0)
+    ids = lm.tokenizer.encode("Once upon a time")
+    torch.testing.assert_close(our_logits(lm, ids), our_logits(dense, ids), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(Qwen2ForCausalLM, "use_exact_q8", lambda self, *a, **kw: 0)
+    with pytest.raises(RuntimeError, match="no exact kernel took"):
+        load(path, weight_quant="none", int4_max_rows=ALL_ROWS)
+
+
+@needs_avx2
 @pytest.mark.parametrize(
     ("name", "kernel"),
     [

@@ -47,7 +47,7 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer
     source: str  # the absolute path it was loaded from
-    int4_projections: int = 0  # projections running on 4-bit weights for small batches
+    int4_projections: int = 0  # projections on low-bit kernels (4-bit; the lean 8-bit ones)
     exact_q8_lm_head: bool = False  # float32 logits of small batches on the file's Q8_0 rows
     quantized_output: bool = False  # the file stores the output projection quantized
     int8_lm_head: bool = False  # logits of small batches from 8-bit rows
@@ -79,7 +79,10 @@ def load_model(
     its blocks serve where they run: AMX tiles in bfloat16, and in float32 the AVX2 kernels
     on Q4_0/Q4_1 projections and a Q8_0 output projection (calls of up to F32_MAX_ROWS rows,
     or `int4_max_rows`; 0 turns them off). Where they take every call (F32_MAX_ROWS on AVX2
-    without AVX-512), the dense float32 copies of those weights are released after loading.
+    without AVX-512, or int4_max_rows >= ALL_ROWS), the load is lean: those projections, and
+    Q8_0 projections too (the exact 8-bit kernel), are packed from the file's blocks and never
+    dequantized, with no dense float32 copy. (So with weight_quant "int4", a lean load's
+    Q8_0 projections run exactly on 8 bits rather than lossily on 4.)
     """
     if weight_quant not in ("auto", "none", "int4"):
         raise ValueError(f"weight_quant must be auto, none or int4, not {weight_quant!r}")
