@@ -276,7 +276,7 @@ def _build_model(
 
 def _load_weights(
     model: Qwen2ForCausalLM,
-    weights: Iterator[tuple[str, torch.Tensor | None]],
+    weights: Iterator[tuple[str, torch.Tensor]],
     total: int,
     source: str,
     show_progress: bool,
@@ -608,7 +608,7 @@ def _load_gguf(
             )
         return PackedQ4F32.pack(Int4Weight.cat(parts))
 
-    def weights() -> Iterator[tuple[str, torch.Tensor | None]]:
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
         pending: dict[str, dict[str, tuple[Any, Any]]] = {}
         for tensor in reader.tensors:
             if tensor.name == "rope_freqs.weight":

@@ -432,11 +432,11 @@ class Qwen2ForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | None]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load tensors named as in a Hugging Face checkpoint (model.layers.N.self_attn...).
-        A meta tensor (or None) counts as loaded but leaves the parameter as it is: a lean
-        load passes the projections whose file blocks a kernel serves instead (never read
-        densely); a meta tensor's shape is checked."""
+        A meta tensor counts as loaded once its shape is checked, and leaves the parameter as
+        it is: a lean load passes the projections whose file blocks a kernel serves instead
+        (never read densely)."""
         params = dict(self.named_parameters())
         cfg = self.config
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -462,13 +462,13 @@ class Qwen2ForCausalLM(nn.Module):
             if target not in params:
                 raise KeyError(f"unexpected weight {name!r} in checkpoint")
             param = params[target]
-            if tensor is None or tensor.is_meta:
+            if tensor.is_meta:
                 # a lean load's projection: its blocks go to a kernel, its parameter stays
                 # empty; only the shape is checked
                 linear = self.get_submodule(target.rsplit(".", 1)[0])
                 rows = shard[1] if shard is not None else getattr(linear, "out_features", -1)
                 want = (rows, getattr(linear, "in_features", -1))
-                if tensor is not None and tuple(tensor.shape) != want:
+                if tuple(tensor.shape) != want:
                     raise ValueError(
                         f"weight {name!r} has shape {tuple(tensor.shape)}, expected {want}"
                     )
