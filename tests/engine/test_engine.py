@@ -111,6 +111,21 @@ def test_triton_backend_gives_the_same_tokens(
     assert tokens(llm, ps, greedy(3)) == hf_reference(tiny_hf["llama"], ps, 3)
 
 
+def test_triton_prefill_kernel_with_prefix_hits_and_decodes(
+    tiny_hf: dict[str, Path], make_llm: Callable[..., LLM], hf_reference: Ref
+) -> None:
+    """The Triton prefill kernel on chunks that start after a prefix-cache hit, in steps that
+    also carry decodes (interpreter mode without CUDA)."""
+    pytest.importorskip("triton")
+    base = prompts(1, 12, 12, seed=8)[0]
+    ps = [base + tail for tail in prompts(3, 2, 7, seed=9)]
+    llm = make_llm(tiny_hf["qwen2"], max_num_batched_tokens=10, attention_backend="triton")
+    assert tokens(llm, [base], greedy(2)) == hf_reference(tiny_hf["qwen2"], [base], 2)
+    hits_before = llm.engine.block_manager.prefix_hits
+    assert tokens(llm, ps, greedy(3)) == hf_reference(tiny_hf["qwen2"], ps, 3)
+    assert llm.engine.block_manager.prefix_hits > hits_before
+
+
 def test_prefix_cache_hits_give_the_same_tokens(
     tiny_hf: dict[str, Path], make_llm: Callable[..., LLM], hf_reference: Ref
 ) -> None:

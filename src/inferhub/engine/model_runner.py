@@ -18,7 +18,12 @@ from inferhub.engine.scheduler import SchedulerOutput
 if TYPE_CHECKING:
     from inferhub.engine.cuda_graphs import DecodeGraphs
 from inferhub.engine.sequence import Sequence
-from inferhub.layers.attention import KERNEL_BACKENDS, AttentionGroup, AttentionMetadata
+from inferhub.layers.attention import (
+    KERNEL_BACKENDS,
+    AttentionGroup,
+    AttentionMetadata,
+    PrefillKernelInputs,
+)
 from inferhub.models.qwen2 import KVCache, Qwen2ForCausalLM
 
 
@@ -136,11 +141,13 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         last_index = [0] * len(out.seqs)
+        first_index = [0] * len(out.seqs)
         bs = self.block_size
         for i in order:
             seq = out.seqs[i]
             start = seq.num_computed_tokens
             n = out.num_new_tokens[i]
+            first_index[i] = len(input_ids)
             input_ids.extend(seq.token_ids[start : start + n])
             table = seq.block_table
             for p in range(start, start + n):
@@ -160,14 +167,35 @@ class ModelRunner:
             )
 
         dev = self.device
+        kernel_prefill = self.backend == "triton" and bool(prefill_idx)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev),
             num_decode_tokens=len(decode_idx),
             decode=None if self.backend in KERNEL_BACKENDS else group(decode_idx),
-            prefill=group(cont_idx),
-            prefill_fresh=group(fresh_idx),
+            prefill=None if kernel_prefill else group(cont_idx),
+            prefill_fresh=None if kernel_prefill else group(fresh_idx),
             block_size=bs,
         )
+        if kernel_prefill:
+            pre = cont_idx + fresh_idx
+            seqs = [out.seqs[i] for i in pre]
+            lens = [out.num_new_tokens[i] for i in pre]
+            width = max(len(s.block_table) for s in seqs)
+            ints = torch.tensor(
+                [
+                    [first_index[i] for i in pre],
+                    lens,
+                    [s.num_computed_tokens for s in seqs],
+                ],
+                dtype=torch.int32,
+            ).to(dev)
+            meta.prefill_kernel = PrefillKernelInputs(
+                block_tables=torch.tensor(_padded_tables(seqs, width), dtype=torch.int32).to(dev),
+                q_start=ints[0],
+                q_len=ints[1],
+                ctx_start=ints[2],
+                max_q_len=max(lens),
+            )
         if decode_idx and self.backend in KERNEL_BACKENDS:
             seqs = [out.seqs[i] for i in decode_idx]
             width = max(len(s.block_table) for s in seqs)
@@ -209,8 +237,10 @@ class ModelRunner:
             last = inputs.last_token_index
         if not sample:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
-        rows = torch.tensor([last[i] for i in sample], device=self.device)
-        return self.model.compute_logits(hidden[rows])
+        rows = [last[i] for i in sample]
+        if rows == list(range(len(rows))):  # every row in order (decode steps): no gather,
+            return self.model.compute_logits(hidden[: len(rows)])  # no host-to-device copy
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Record decode steps as CUDA graphs (triton backend on CUDA only)."""

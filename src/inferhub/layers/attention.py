@@ -7,7 +7,8 @@ own tokens: no gather, no mask). New keys and values are written into the cache 
 through the block table.
 Backends: "torch" (plain matmul + softmax, runs everywhere), "sdpa"
 (`scaled_dot_product_attention`), "cpu" (decodes read the cache in place with the C kernel of
-cpu_kernels.py; prefill chunks as "sdpa") and "triton" on CUDA (see triton_attention.py).
+cpu_kernels.py; prefill chunks as "sdpa") and "triton" on CUDA (see triton_attention.py:
+decodes and every prefill chunk read the cache in place, in one launch each).
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ class AttentionGroup:
 
 
 @dataclass
+class PrefillKernelInputs:
+    """The prefill chunks of a step for the triton backend's prefill kernel, which reads each
+    sequence's context through its block table: every chunk in one launch."""
+
+    block_tables: torch.Tensor  # (S, max_blocks) int32
+    q_start: torch.Tensor  # (S,) int32: flat index of each chunk's first token
+    q_len: torch.Tensor  # (S,) int32: its new tokens
+    ctx_start: torch.Tensor  # (S,) int32: tokens already in the cache before them
+    max_q_len: int
+
+
+@dataclass
 class AttentionMetadata:
     """Built once per step by the model runner and shared by every layer."""
 
@@ -59,10 +72,15 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decodes first
     context_lens: torch.Tensor | None = None  # (B,) int32
     block_size: int = 16
+    prefill_kernel: PrefillKernelInputs | None = None  # triton: instead of the two groups
 
     @property
     def has_prefill(self) -> bool:
-        return self.prefill is not None or self.prefill_fresh is not None
+        return (
+            self.prefill is not None
+            or self.prefill_fresh is not None
+            or self.prefill_kernel is not None
+        )
 
 
 def _attend_torch(
@@ -169,14 +187,46 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     backend: str = "sdpa",
+    kv_written: bool = False,
 ) -> torch.Tensor:
-    """q: (T, H, D); k, v: (T, Hkv, D); caches: (num_slots, Hkv, D). Returns (T, H, D)."""
-    if backend == "cpu":
+    """q: (T, H, D); k, v: (T, Hkv, D); caches: (num_slots, Hkv, D). Returns (T, H, D).
+    kv_written: the caller already wrote k and v into the caches (a fused rotary kernel)."""
+    if not kv_written and backend == "cpu":
         cpu_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    else:
+    elif not kv_written:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
     nd = meta.num_decode_tokens
+    pk = meta.prefill_kernel
+    if backend == "triton" and pk is not None:
+        from inferhub.layers import triton_attention
+
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if nd > 0:
+            assert meta.block_tables is not None and meta.context_lens is not None
+            triton_attention.paged_decode_attention(
+                q[:nd],
+                k_cache,
+                v_cache,
+                meta.block_tables[:nd],
+                meta.context_lens[:nd],
+                meta.block_size,
+                scale,
+                out=out[:nd],
+            )
+        return triton_attention.paged_prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            pk.block_tables,
+            pk.q_start,
+            pk.q_len,
+            pk.ctx_start,
+            pk.max_q_len,
+            meta.block_size,
+            scale,
+            out,
+        )
     decode_out: torch.Tensor | None = None
     if backend in KERNEL_BACKENDS and nd > 0:
         assert meta.block_tables is not None and meta.context_lens is not None
