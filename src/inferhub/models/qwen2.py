@@ -67,17 +67,30 @@ class Attention(nn.Module):
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # rotate q and k heads together: (T, H + Hkv, D)
         qk = qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        kv_written = False
         if self.fused and qk.device.type == "cpu":
             cpu_kernels.rotary_inplace(qk, positions, rotary.cos_cache, rotary.sin_cache)
-        elif self.fused:
-            from inferhub.layers.triton_fused import rotary_inplace
+        elif self.fused:  # Triton: rotary and the layer's KV-cache writes in one launch
+            from inferhub.layers.triton_fused import rotary_and_cache
 
-            rotary_inplace(qk, positions, rotary.cos_cache, rotary.sin_cache)
+            rotary_and_cache(
+                qk,
+                v,
+                positions,
+                meta.slot_mapping,
+                rotary.cos_cache,
+                rotary.sin_cache,
+                kv_cache[0],
+                kv_cache[1],
+            )
+            kv_written = True
         else:
             qk = apply_rotary(qk, *cos_sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # (T, H, D), (T, Hkv, D)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.backend)
+        out = paged_attention(
+            q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.backend, kv_written
+        )
         return self.o_proj.forward(out.reshape(t, self.q_size))
 
 
@@ -87,11 +100,16 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.fused = False  # the C kernel for SiLU-and-multiply (cpu backend)
+        self.triton = False  # the Triton kernel for it (triton backend, CUDA)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj.forward(x)
         if self.fused:
             return self.down_proj.forward(cpu_kernels.silu_and_mul(gate_up))
+        if self.triton and gate_up.device.type == "cuda":
+            from inferhub.layers import triton_fused
+
+            return self.down_proj.forward(triton_fused.silu_and_mul(gate_up))
         return self.down_proj.forward(silu_and_mul(gate_up))
 
 
@@ -294,8 +312,8 @@ class Qwen2ForCausalLM(nn.Module):
         return _Q4DecodePlan(small, kernel, min(rows), tiles, max(rows), layers[0].self_attn, keep)
 
     def set_attention_backend(self, backend: str) -> None:
-        """Pick the attention backend; "triton" and "cpu" also turn on their fused RMSNorm and
-        rotary kernels ("cpu" its SiLU-and-multiply too)."""
+        """Pick the attention backend; "triton" and "cpu" also turn on their fused RMSNorm,
+        rotary (Triton's with the KV-cache writes) and SiLU-and-multiply kernels."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend = backend
@@ -303,6 +321,7 @@ class Qwen2ForCausalLM(nn.Module):
                 module.fused = backend in KERNEL_BACKENDS
             if isinstance(module, MLP):
                 module.fused = backend == "cpu"
+                module.triton = backend == "triton"
 
     def use_int8_lm_head(self) -> None:
         """Small batches compute logits on 8-bit rows of the output projection (bf16 only)."""
