@@ -290,7 +290,9 @@ class LLMEngine:
         )
         params = [s.params for s in row_seqs]
         banned = [
-            sorted(self.eos_token_ids) if s.num_output_tokens < s.params.min_tokens else []
+            sorted(self.eos_token_ids)
+            if s.params.min_tokens and s.num_output_tokens < s.params.min_tokens
+            else []
             for s in row_seqs
         ]
         gens = [self._requests[s.request_id].generators[s.seq_id] for s in row_seqs]
@@ -398,7 +400,7 @@ class LLMEngine:
             request_id=req.request_id,
             num_prompt_tokens=len(req.prompt_token_ids),
             num_cached_tokens=req.seqs[0].num_cached_tokens if req.seqs else 0,
-            outputs=sorted(outs, key=lambda o: o.index),
+            outputs=outs if len(outs) == 1 else sorted(outs, key=lambda o: o.index),
             finished=finished_all,
             error=error,
         )
