@@ -607,3 +607,54 @@ def test_f32_low_bit_packing_refuses_what_it_cannot_hold() -> None:
         )
     with pytest.raises(ValueError, match="width 96"):
         cpu_kernels.q4f32_linear(torch.ones(1, 96), packed, 32, None)
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    ("h", "hkv", "d", "lens"),
+    [
+        (9, 3, 64, [1, 17, 33, 70]),  # SmolLM2's heads; tiles on and off the diagonal
+        (14, 2, 64, [129]),
+        (4, 4, 128, [40, 3]),  # two 8-vector chunks of the output
+        (6, 2, 40, [21, 50]),  # head_dim not a multiple of 64: the one-vector tail
+        (4, 1, 72, [35]),  # a chunk of 8 vectors and a tail
+    ],
+)
+def test_causal_attention_kernel_matches_reference(
+    h: int, hkv: int, d: int, lens: list[int]
+) -> None:
+    """First chunks of several sequences, their rows strided as split from a qkv projection,
+    against float64 causal softmax attention of each sequence alone."""
+    torch.manual_seed(d + sum(lens))
+    n = sum(lens)
+    qkv = torch.randn(n, (h + 2 * hkv) * d) * 2
+    q = qkv[:, : h * d].view(n, h, d)
+    k = qkv[:, h * d : (h + hkv) * d].view(n, hkv, d)
+    v = qkv[:, (h + hkv) * d :].view(n, hkv, d)
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    bounds = torch.tensor([starts, lens], dtype=torch.int32)
+    out = cpu_kernels.causal_attention(q, k, v, bounds, d**-0.5)
+    assert out is not None and out.shape == (n, h, d)
+    for s0, m in zip(starts, lens, strict=True):
+        rows = slice(s0, s0 + m)
+        ref = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).double(),
+            k[rows].transpose(0, 1).double(),
+            v[rows].transpose(0, 1).double(),
+            is_causal=True,
+            enable_gqa=True,
+            scale=d**-0.5,
+        ).transpose(0, 1)
+        torch.testing.assert_close(out[rows].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_avx2
+def test_causal_attention_kernel_declines_what_it_does_not_run() -> None:
+    q = torch.randn(4, 2, 64)
+    bounds = torch.tensor([[0], [4]], dtype=torch.int32)
+    assert (
+        cpu_kernels.causal_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), bounds, 1.0) is None
+    )
+    assert (
+        cpu_kernels.causal_attention(q[:, :, :36], q[:, :, :36], q[:, :, :36], bounds, 1.0) is None
+    )

@@ -7,6 +7,7 @@ block s // block_size.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -128,6 +129,9 @@ class ModelRunner:
             context_len=ctx_lens[0] if b == 1 else None,
             all_from_start=all(s == 0 for s in starts),
             num_tokens=sum(lens),
+            bounds=torch.tensor([[0, *itertools.accumulate(lens[:-1])], lens], dtype=torch.int32)
+            if self.backend == "cpu"
+            else None,
         )
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:

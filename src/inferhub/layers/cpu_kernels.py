@@ -35,6 +35,7 @@ SOURCES = (
     "lowbit_gemv.c",
     "lowbit_avx2.c",
     "decode_layers.c",
+    "prefill_attention.c",
 )
 HEADERS = ("simd.h",)
 # No FMA contraction: the elementwise kernels reproduce torch's float32 rounding step by step.
@@ -120,6 +121,7 @@ def library() -> ctypes.CDLL | None:
         "inferhub_silu_and_mul": [ptr] * 2 + [i64] * 2 + [i32, i32],
         "inferhub_write_kv": [ptr] * 5 + [i64] * 4 + [i32],
         "inferhub_argmax_rows": [ptr] + [i64] * 3 + [i32, ptr, i32],
+        "inferhub_causal_attention_f32": [ptr] * 4 + [i64] * 4 + [ptr] * 2 + [i64] * 4 + [f32, i32],
     }
     signatures["inferhub_amx_init"] = []
     signatures["inferhub_amx_linear_bf16"] = [ptr] + [i64] * 3 + [ptr, i64, ptr, ptr, i32]
@@ -159,6 +161,52 @@ def _lib() -> ctypes.CDLL:
 
 def supports(dtype: torch.dtype) -> bool:
     return dtype in _DTYPES
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bounds: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """Causal attention of first prefill chunks over their own keys (csrc/prefill_attention.c).
+    q: (N, H, D), k, v: (N, Hkv, D), float32, rows strided (heads D apart, D contiguous);
+    bounds: (2, S) int32, each sequence's first row and its number of rows. Returns (N, H, D),
+    or None where the kernel does not run (not float32, no AVX2 build, odd shapes)."""
+    lib = library()
+    n, h, d = q.shape
+    ok = (
+        lib is not None
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k, v))
+        and bounds.dtype == torch.int32
+        and bounds.is_contiguous()
+    )
+    if not ok or lib is None:
+        return None
+    out = torch.empty(n, h, d, dtype=torch.float32)
+    rc = lib.inferhub_causal_attention_f32(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        q.stride(0),
+        k.stride(0),
+        v.stride(0),
+        out.stride(0),
+        bounds[0].data_ptr(),
+        bounds[1].data_ptr(),
+        bounds.shape[1],
+        h,
+        k.shape[1],
+        d,
+        scale,
+        torch.get_num_threads(),
+    )
+    if rc == 1:
+        raise MemoryError("causal_attention: out of memory")
+    return out if rc == 0 else None
 
 
 def paged_decode_attention(
