@@ -26,7 +26,7 @@
 #include "simd.h"
 
 #define BQ 16     /* queries per work item */
-#define KT 32     /* keys per tile (a multiple of 8; scores2 and update_row take 32) */
+#define KT 32     /* keys per tile (scores2 and softmax_row take 32) */
 #define MAX_D8 32 /* head_dim up to 256 */
 
 #ifdef HAVE_AVX2
@@ -54,8 +54,10 @@ static inline __attribute__((always_inline)) void scores2(const float *qa, const
     for (int64_t c = 0; c < d; c++) {
         const __m256 xa = _mm256_broadcast_ss(qa + c), xb = _mm256_broadcast_ss(qb + c);
         const float *row = kt + c * KT;
-        const __m256 k0 = _mm256_load_ps(row), k1 = _mm256_load_ps(row + 8);
-        const __m256 k2 = _mm256_load_ps(row + 16), k3 = _mm256_load_ps(row + 24);
+        __m256 k0 = _mm256_load_ps(row), k1 = _mm256_load_ps(row + 8);
+        __m256 k2 = _mm256_load_ps(row + 16), k3 = _mm256_load_ps(row + 24);
+        /* loaded once for both rows: without this gcc folds each load into both FMAs */
+        __asm__("" : "+x"(k0), "+x"(k1), "+x"(k2), "+x"(k3));
         a0 = _mm256_fmadd_ps(xa, k0, a0);
         a1 = _mm256_fmadd_ps(xa, k1, a1);
         a2 = _mm256_fmadd_ps(xa, k2, a2);
@@ -69,11 +71,12 @@ static inline __attribute__((always_inline)) void scores2(const float *qa, const
     sb[0] = b0, sb[1] = b1, sb[2] = b2, sb[3] = b3;
 }
 
-/* The online-softmax update of one row with its KT scores s (keys past `last` - j0 masked):
- * rescales its output row o by the change of its maximum and adds p . V for keys j0 .. last. */
-static inline __attribute__((always_inline)) void update_row(
-    __m256 *s, int64_t last_rel, int mask, const float *v, int64_t v_stride, int64_t d8,
-    float *m, float *l, float *o) {
+/* The online-softmax step of one row with its KT scores s (keys past last_rel masked when
+ * `mask`): updates its max m and sum l, writes p (the tile's weights, 0 where masked) and
+ * returns the factor its output row must be scaled by. */
+static inline __attribute__((always_inline)) float softmax_row(__m256 *s, int64_t last_rel,
+                                                               int mask, float *m, float *l,
+                                                               float *p) {
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     if (mask) {
         const __m256 lim = _mm256_set1_ps((float)last_rel);
@@ -88,7 +91,6 @@ static inline __attribute__((always_inline)) void update_row(
     const float m_new = *m > tmax ? *m : tmax; /* (no fmaxf or expf calls: a call spills
                                                   every vector register) */
     const __m256 mv = _mm256_set1_ps(m_new);
-    float p[KT] __attribute__((aligned(32)));
     __m256 sum = _mm256_setzero_ps();
     for (int t = 0; t < KT / 8; t++) {
         const __m256 e = exp256(_mm256_sub_ps(s[t], mv)); /* exp(-inf) = 0 */
@@ -99,26 +101,49 @@ static inline __attribute__((always_inline)) void update_row(
     const float alpha = _mm256_cvtss_f32(exp256(_mm256_set1_ps(*m - m_new)));
     *l = *l * alpha + hsum8f(sum);
     *m = m_new;
-    const __m256 av = _mm256_set1_ps(alpha);
-    const int64_t jn = last_rel + 1;
+    return alpha;
+}
+
+/* Output rows oa, ob (head_dim = 8 * d8) scaled by their alphas, plus p . V over keys
+ * 0 .. jn of the tile (rows of v, v_stride apart); both rows share each loaded V vector. */
+static inline __attribute__((always_inline)) void pv2(const float *pa, const float *pb,
+                                                      float alpha_a, float alpha_b, float *oa,
+                                                      float *ob, const float *v,
+                                                      int64_t v_stride, int64_t jn,
+                                                      int64_t d8) {
+    const __m256 aa = _mm256_set1_ps(alpha_a), ab = _mm256_set1_ps(alpha_b);
     int64_t c0 = 0;
-    for (; c0 + 8 <= d8; c0 += 8) { /* 8 output vectors at a time, in registers */
-        __m256 acc[8];
-        for (int c = 0; c < 8; c++) acc[c] = _mm256_mul_ps(_mm256_load_ps(o + 8 * (c0 + c)), av);
-        for (int64_t j = 0; j < jn; j++) {
-            const __m256 pj = _mm256_set1_ps(p[j]);
-            const float *vr = v + j * v_stride + 8 * c0;
-            for (int c = 0; c < 8; c++)
-                acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+    for (; c0 + 4 <= d8; c0 += 4) { /* 4 vectors of each row in registers */
+        __m256 xa[4], xb[4];
+        for (int c = 0; c < 4; c++) {
+            xa[c] = _mm256_mul_ps(_mm256_load_ps(oa + 8 * (c0 + c)), aa);
+            xb[c] = _mm256_mul_ps(_mm256_load_ps(ob + 8 * (c0 + c)), ab);
         }
-        for (int c = 0; c < 8; c++) _mm256_store_ps(o + 8 * (c0 + c), acc[c]);
+        for (int64_t j = 0; j < jn; j++) {
+            const __m256 wa = _mm256_broadcast_ss(pa + j), wb = _mm256_broadcast_ss(pb + j);
+            const float *vr = v + j * v_stride + 8 * c0;
+            for (int c = 0; c < 4; c++) {
+                __m256 vv = _mm256_loadu_ps(vr + 8 * c);
+                __asm__("" : "+x"(vv)); /* one load for both rows */
+                xa[c] = _mm256_fmadd_ps(wa, vv, xa[c]);
+                xb[c] = _mm256_fmadd_ps(wb, vv, xb[c]);
+            }
+        }
+        for (int c = 0; c < 4; c++) {
+            _mm256_store_ps(oa + 8 * (c0 + c), xa[c]);
+            _mm256_store_ps(ob + 8 * (c0 + c), xb[c]);
+        }
     }
-    for (; c0 < d8; c0++) { /* the rest (head_dim not a multiple of 64), a vector at a time */
-        __m256 acc = _mm256_mul_ps(_mm256_load_ps(o + 8 * c0), av);
-        for (int64_t j = 0; j < jn; j++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * v_stride + 8 * c0),
-                                  acc);
-        _mm256_store_ps(o + 8 * c0, acc);
+    for (; c0 < d8; c0++) { /* the rest (head_dim not a multiple of 32), a vector at a time */
+        __m256 xa = _mm256_mul_ps(_mm256_load_ps(oa + 8 * c0), aa);
+        __m256 xb = _mm256_mul_ps(_mm256_load_ps(ob + 8 * c0), ab);
+        for (int64_t j = 0; j < jn; j++) {
+            const __m256 vv = _mm256_loadu_ps(v + j * v_stride + 8 * c0);
+            xa = _mm256_fmadd_ps(_mm256_broadcast_ss(pa + j), vv, xa);
+            xb = _mm256_fmadd_ps(_mm256_broadcast_ss(pb + j), vv, xb);
+        }
+        _mm256_store_ps(oa + 8 * c0, xa);
+        _mm256_store_ps(ob + 8 * c0, xb);
     }
 }
 
@@ -157,11 +182,18 @@ static inline __attribute__((always_inline)) void causal_item(
             const int64_t qa = i0 + r / group, qb = i0 + rb / group;
             const int64_t la = (qa < j0 + nk - 1 ? qa : j0 + nk - 1) - j0;
             const int64_t lb = (qb < j0 + nk - 1 ? qb : j0 + nk - 1) - j0;
-            update_row(sa, la, la < KT - 1, vh + j0 * v_stride, v_stride, d8, m + r, l + r,
-                       o + r * d);
-            if (rb != r)
-                update_row(sb, lb, lb < KT - 1, vh + j0 * v_stride, v_stride, d8, m + rb,
-                           l + rb, o + rb * d);
+            float pa[KT] __attribute__((aligned(32))), pb[KT] __attribute__((aligned(32)));
+            const float alpha_a = softmax_row(sa, la, la < KT - 1, m + r, l + r, pa);
+            float alpha_b = 1.0f, *ob = o + rows * d; /* odd last row: a spare twin row */
+            if (rb != r) {
+                alpha_b = softmax_row(sb, lb, lb < KT - 1, m + rb, l + rb, pb);
+                ob = o + rb * d;
+            } else {
+                memset(pb, 0, sizeof pb);
+            }
+            /* keys past a row's last have p = 0, so the pair takes the longer of the two */
+            pv2(pa, pb, alpha_a, alpha_b, o + r * d, ob, vh + j0 * v_stride, v_stride,
+                (la > lb ? la : lb) + 1, d8);
         }
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -212,7 +244,8 @@ int inferhub_causal_attention_f32(const float *q, const float *k, const float *v
 #pragma omp parallel num_threads(num_threads) if (parallel) reduction(| : failed)
     {
         const size_t rows = (size_t)(BQ * group);
-        float *qs = thread_scratch(0, rows * (size_t)head_dim * 2 * sizeof(float) +
+        /* qs (rows), o (rows and a spare), kt, m, l */
+        float *qs = thread_scratch(0, (rows * 2 + 1) * (size_t)head_dim * sizeof(float) +
                                           (size_t)head_dim * KT * sizeof(float) +
                                           2 * rows * sizeof(float));
         if (!qs) failed = 1;
@@ -220,7 +253,7 @@ int inferhub_causal_attention_f32(const float *q, const float *k, const float *v
         for (int64_t it = 0; it < items; it++) {
             if (failed) continue;
             float *o = qs + rows * (size_t)head_dim;
-            float *kt = o + rows * (size_t)head_dim;
+            float *kt = o + (rows + 1) * (size_t)head_dim;
             float *m = kt + (size_t)head_dim * KT;
             float *l = m + rows;
             const int64_t s = item_seq[it / num_kv_heads], kh = it % num_kv_heads;
