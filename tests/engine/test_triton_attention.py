@@ -253,3 +253,22 @@ def test_fused_silu_and_mul(dtype: torch.dtype) -> None:
     # bfloat16: within an ulp or two (where the rounding of the two steps falls differently)
     rtol = 1e-5 if dtype == torch.float32 else 1.6e-2
     torch.testing.assert_close(silu_and_mul(x), reference(x), atol=1e-2, rtol=rtol)
+
+
+def test_triton_attention_refuses_shapes_a_gpu_cannot_compile() -> None:
+    """head_dim under 16 or not a power of two, and split counts that are not powers of two,
+    fail with a clear error (the interpreter would run them; compiled tl.dot would not)."""
+    device = _device()
+    ctx = torch.tensor([3], dtype=torch.int32, device=device)
+    table = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    for d in (8, 48):
+        q = torch.randn(1, 2, d, device=device)
+        cache = torch.randn(4, 1, d, device=device)
+        with pytest.raises(ValueError, match="head_dim"):
+            paged_decode_attention(q, cache, cache, table, ctx, 4, 1.0)
+        with pytest.raises(ValueError, match="head_dim"):
+            paged_prefill_attention(q, cache, cache, table, ctx, ctx, ctx, 1, 4, 1.0, q)
+    q = torch.randn(1, 2, 16, device=device)
+    cache = torch.randn(4, 1, 16, device=device)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_decode_attention(q, cache, cache, table, ctx, 4, 1.0, num_splits=3)

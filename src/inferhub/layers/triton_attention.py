@@ -143,6 +143,13 @@ def _paged_decode_reduce_kernel(  # type: ignore[no-untyped-def]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+def _check_head_dim(d: int) -> None:
+    """tl.arange needs a power of two, and compiled tl.dot needs every dimension >= 16 (the
+    interpreter accepts less, so a test could pass on the CPU and fail on a GPU)."""
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"the Triton attention kernels take head_dim 16, 32, 64, ...: not {d}")
+
+
 def decode_splits(batch: int, num_kv_heads: int) -> int:
     """How many slices of the context a decode step's programs split into: enough programs
     for a small batch to fill the GPU. It depends only on the batch shape, so a CUDA graph
@@ -175,6 +182,7 @@ def paged_decode_attention(
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     group = h // hkv
+    _check_head_dim(d)
     if q.stride(2) != 1:
         q = q.contiguous()
     if out is None:
@@ -183,6 +191,8 @@ def paged_decode_attention(
         return out
     if num_splits is None:
         num_splits = decode_splits(b, hkv)
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, not {num_splits}")
     # (with one split unused, but never an empty tensor: Triton refuses a null pointer)
     part_out = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(b, h, num_splits, 2, dtype=torch.float32, device=q.device)
@@ -321,6 +331,7 @@ def paged_prefill_attention(
     s = block_tables.shape[0]
     h, d = q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
+    _check_head_dim(d)
     if s == 0 or max_q_len == 0:
         return out
     if q.stride(2) != 1:
@@ -348,7 +359,7 @@ def paged_prefill_attention(
         HEAD_DIM=d,
         GROUP=h // hkv,
         BLOCK_M=block_m,
-        BLOCK_N=64 if max_q_len > 32 else 16,
+        BLOCK_N=64,  # also for short chunks, which may continue a long context
         IEEE=_ieee(q.dtype),
     )
     return out

@@ -24,7 +24,7 @@ def _rms_norm_kernel(  # type: ignore[no-untyped-def]
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2^31
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
@@ -143,7 +143,7 @@ def _rotary_cache_kernel(  # type: ignore[no-untyped-def]
 ):
     """Token t: rotate its q and k heads in place, and write its rotated k and its v into the
     KV cache at its slot."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, HEADS)
@@ -219,7 +219,7 @@ def rotary_and_cache(
 def _silu_and_mul_kernel(  # type: ignore[no-untyped-def]
     x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 in large batches
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_cols
     gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
