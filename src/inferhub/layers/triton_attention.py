@@ -30,6 +30,57 @@ def _ieee(dtype: torch.dtype) -> bool:
 
 
 @triton.jit  # type: ignore[untyped-decorator]
+def _attend_tile(  # type: ignore[no-untyped-def]
+    q,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,
+    pos,
+    valid,
+    kvh,
+    stride_cs,
+    stride_ch,
+    scale,
+    m,
+    l_sum,
+    acc,
+    causal_pos,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One tile of keys for the rows of q (R, D): read the keys and values of positions `pos`
+    through the block table row at table_ptr, score them (masked where not `valid`, and with
+    CAUSAL where a key follows the row's position causal_pos (R,)), and fold them into the
+    online softmax (m, l_sum, acc). Returns the new (m, l_sum, acc)."""
+    d = tl.arange(0, HEAD_DIM)
+    blk = tl.load(table_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
+    slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+    kv_off = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
+    k = tl.load(k_cache_ptr + kv_off, mask=valid[:, None], other=0.0)  # (N, D)
+    v = tl.load(v_cache_ptr + kv_off, mask=valid[:, None], other=0.0)
+    if IEEE:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    ok = valid[None, :]
+    if CAUSAL:
+        ok = ok & (pos[None, :] <= causal_pos[:, None])
+    s = tl.where(ok, s * scale, float("-inf"))  # (R, N)
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l_sum = l_sum * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_sum, acc * alpha[:, None] + pv
+
+
+@triton.jit  # type: ignore[untyped-decorator]
 def _paged_decode_split_kernel(  # type: ignore[no-untyped-def]
     q_ptr,
     k_cache_ptr,
@@ -81,28 +132,26 @@ def _paged_decode_split_kernel(  # type: ignore[no-untyped-def]
     offs = tl.arange(0, TILE)
     for start in range(lo, hi, TILE):
         pos = start + offs  # (TILE,)
-        valid = pos < hi
-        blk = tl.load(block_tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
-        slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_off = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=valid[:, None], other=0.0)  # (TILE, D)
-        v = tl.load(v_cache_ptr + kv_off, mask=valid[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * scale, float("-inf"))  # (G, TILE)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+        m, l_sum, acc = _attend_tile(
+            q,
+            k_cache_ptr,
+            v_cache_ptr,
+            block_tables_ptr + b * stride_bt,
+            pos,
+            pos < hi,
+            kvh,
+            stride_cs,
+            stride_ch,
+            scale,
+            m,
+            l_sum,
+            acc,
+            m,  # (no causal mask: every key of the context precedes the query)
+            BLOCK_SIZE=BLOCK_SIZE,
+            HEAD_DIM=HEAD_DIM,
+            CAUSAL=False,
+            IEEE=IEEE,
+        )
     if NUM_SPLITS == 1:
         out = acc / l_sum[:, None]
         tl.store(
@@ -283,29 +332,26 @@ def _paged_prefill_kernel(  # type: ignore[no-untyped-def]
         offs = tl.arange(0, BLOCK_N)
         for start in range(0, hi, BLOCK_N):
             pos = start + offs
-            valid = pos < hi
-            blk = tl.load(block_tables_ptr + s * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
-            slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-            kv_off = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
-            k = tl.load(k_cache_ptr + kv_off, mask=valid[:, None], other=0.0)  # (N, D)
-            v = tl.load(v_cache_ptr + kv_off, mask=valid[:, None], other=0.0)
-            if IEEE:
-                sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                sc = tl.dot(q, tl.trans(k))
-            ok = (pos[None, :] <= q_pos[:, None]) & valid[None, :]
-            sc = tl.where(ok, sc * scale, float("-inf"))  # (M, N)
-            m_new = tl.maximum(m, tl.max(sc, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(sc - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
+            m, l_sum, acc = _attend_tile(
+                q,
+                k_cache_ptr,
+                v_cache_ptr,
+                block_tables_ptr + s * stride_bt,
+                pos,
+                pos < hi,
+                kvh,
+                stride_cs,
+                stride_ch,
+                scale,
+                m,
+                l_sum,
+                acc,
+                q_pos,
+                BLOCK_SIZE=BLOCK_SIZE,
+                HEAD_DIM=HEAD_DIM,
+                CAUSAL=True,
+                IEEE=IEEE,
+            )
         out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
         o_off = (q0 + rows).to(tl.int64)[:, None] * stride_ot + h * stride_oh + d[None, :]
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

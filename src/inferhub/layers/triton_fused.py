@@ -1,6 +1,6 @@
-"""Fused Triton kernels for the CUDA path: RMSNorm with the residual add, and rotary embedding
-in place. Each replaces a handful of elementwise kernels per layer (and runs in Triton's
-interpreter on CPU for tests)."""
+"""Fused Triton kernels for the CUDA path: RMSNorm with the residual add, rotary embedding in
+place with the layer's KV-cache writes, and SiLU-and-multiply. Each replaces a handful of
+elementwise kernels per layer (and runs in Triton's interpreter on CPU for tests)."""
 
 from __future__ import annotations
 
@@ -64,57 +64,6 @@ def rms_norm(
         BLOCK=triton.next_power_of_2(d),
     )
     return out, res_out
-
-
-@triton.jit  # type: ignore[untyped-decorator]
-def _rotary_kernel(  # type: ignore[no-untyped-def]
-    x_ptr,
-    pos_ptr,
-    cos_ptr,
-    sin_ptr,
-    stride_t,
-    stride_h,
-    stride_c,
-    n_heads,
-    HALF: tl.constexpr,
-    HEADS: tl.constexpr,
-):
-    t = tl.program_id(0)
-    pos = tl.load(pos_ptr + t)
-    h = tl.arange(0, HEADS)
-    i = tl.arange(0, HALF)
-    ok = h[:, None] < n_heads
-    cos = tl.load(cos_ptr + pos * stride_c + i)[None, :]  # (1, HALF) float32
-    sin = tl.load(sin_ptr + pos * stride_c + i)[None, :]
-    base = x_ptr + t * stride_t + h[:, None] * stride_h + i[None, :]
-    x1 = tl.load(base, mask=ok, other=0.0)
-    x2 = tl.load(base + HALF, mask=ok, other=0.0)
-    a = x1.to(tl.float32)
-    b = x2.to(tl.float32)
-    tl.store(base, (a * cos - b * sin).to(x1.dtype), mask=ok)
-    tl.store(base + HALF, (b * cos + a * sin).to(x1.dtype), mask=ok)
-
-
-def rotary_inplace(
-    x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
-) -> None:
-    """Rotate x: (T, H, D) in place (rotate-half layout; the last dim must be contiguous);
-    cos_cache/sin_cache: (max_position, D/2) float32."""
-    t, h, d = x.shape
-    if t == 0:
-        return
-    _rotary_kernel[(t,)](
-        x,
-        positions,
-        cos_cache,
-        sin_cache,
-        x.stride(0),
-        x.stride(1),
-        cos_cache.stride(0),
-        h,
-        HALF=d // 2,
-        HEADS=triton.next_power_of_2(h),
-    )
 
 
 @triton.jit  # type: ignore[untyped-decorator]
