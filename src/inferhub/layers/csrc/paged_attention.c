@@ -338,12 +338,6 @@ static inline __attribute__((always_inline)) __m256 reduce8(const __m256 *a) {
                          _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-static inline float hsum8(__m256 v) {
-    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
 #define prefetch_row8(p, bytes)                                                            \
     for (int64_t o_ = 0; o_ < (bytes); o_ += 64) _mm_prefetch((const char *)(p) + o_, _MM_HINT_T0)
 

@@ -4,11 +4,12 @@
  * Each sequence's new tokens attend to the tokens before them in the same chunk (a chunk that
  * starts at position 0: its context is exactly its own keys). Work items are (sequence, kv
  * head, block of BQ queries); the query heads that share the kv head (GQA) are processed
- * together, so each key and value row is read once per item. For each tile of 16 keys the
- * keys are transposed once into a (head_dim, 16) tile, then every query row computes its 16
- * scores with two accumulators per 8 dims (broadcast query element times a key-tile row), an
- * online softmax, and adds p . V into its output row. Keys past a row's position are masked
- * (the tiles on the diagonal); tiles wholly past the block's last query are never read.
+ * together, so each key and value row is read once per item. For each tile of KT keys the
+ * keys are transposed once into a (head_dim, KT) tile; then query rows, two at a time, compute
+ * their KT scores (broadcast query element times a key-tile row; both rows share each loaded
+ * vector), an online softmax each, and add p . V into their output rows (again sharing each
+ * loaded V vector). Keys past a row's position are masked (the tiles on the diagonal); tiles
+ * wholly past the block's last query are never read.
  *
  * torch's flash attention for the CPU took 6.2 ms a layer for a 512-token SmolLM2 prompt
  * (9 heads, 3 kv heads, head_dim 64) on 2 Zen 3 cores, about 49 GFLOP/s.
@@ -30,22 +31,8 @@
 #define MAX_D8 32 /* head_dim up to 256 */
 
 #ifdef HAVE_AVX2
-static inline float hmax8(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-}
-
-static inline float hsum8f(__m256 v) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-}
-
-/* Scores of query row qr against the KT keys of the transposed tile kt, two rows at a time
- * (eight independent accumulator chains keep both FMA pipes busy). */
+/* Scores of query rows qa and qb against the KT keys of the transposed tile kt (eight
+ * independent accumulator chains keep both FMA pipes busy). */
 static inline __attribute__((always_inline)) void scores2(const float *qa, const float *qb,
                                                           const float *kt, int64_t d,
                                                           __m256 *sa, __m256 *sb) {
@@ -99,7 +86,7 @@ static inline __attribute__((always_inline)) float softmax_row(__m256 *s, int64_
     }
     /* 0 on the first tile (m = -inf) */
     const float alpha = _mm256_cvtss_f32(exp256(_mm256_set1_ps(*m - m_new)));
-    *l = *l * alpha + hsum8f(sum);
+    *l = *l * alpha + hsum8(sum);
     *m = m_new;
     return alpha;
 }

@@ -125,5 +125,17 @@ static inline __m256 exp256(__m256 x) {
     const __m256 r = _mm256_andnot_ps(small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
     return _mm256_blendv_ps(r, _mm256_set1_ps(__builtin_inff()), big);
 }
+/* The sum and the maximum of the 8 lanes. */
+static inline float hsum8(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+static inline float hmax8(__m256 v) {
+    const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
 #endif /* __AVX2__ && __FMA__ */
 #endif /* INFERHUB_SIMD_H */
