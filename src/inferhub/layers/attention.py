@@ -218,23 +218,29 @@ def paged_attention(
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
     nd = meta.num_decode_tokens
-    pk = meta.prefill_kernel
-    if backend == "triton" and pk is not None:
+    pk = meta.prefill_kernel if backend == "triton" else None
+    # the triton prefill kernel writes its rows of one output; the decode rows go there too
+    out = None if pk is None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    decode_out: torch.Tensor | None = None
+    if backend in KERNEL_BACKENDS and nd > 0:
+        assert meta.block_tables is not None and meta.context_lens is not None
+        decode_out = _decode_kernel(backend)(
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.block_tables[:nd],
+            meta.context_lens[:nd],
+            meta.block_size,
+            scale,
+            **({} if out is None else {"out": out[:nd]}),
+        )
+    elif meta.decode is not None:
+        decode_out = _attend_group(
+            q[:nd], k_cache, v_cache, meta.decode, scale, backend, meta.block_size
+        )
+    if pk is not None and out is not None:
         from inferhub.layers import triton_attention
 
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if nd > 0:
-            assert meta.block_tables is not None and meta.context_lens is not None
-            triton_attention.paged_decode_attention(
-                q[:nd],
-                k_cache,
-                v_cache,
-                meta.block_tables[:nd],
-                meta.context_lens[:nd],
-                meta.block_size,
-                scale,
-                out=out[:nd],
-            )
         return triton_attention.paged_prefill_attention(
             q,
             k_cache,
@@ -247,22 +253,6 @@ def paged_attention(
             meta.block_size,
             scale,
             out,
-        )
-    decode_out: torch.Tensor | None = None
-    if backend in KERNEL_BACKENDS and nd > 0:
-        assert meta.block_tables is not None and meta.context_lens is not None
-        decode_out = _decode_kernel(backend)(
-            q[:nd],
-            k_cache,
-            v_cache,
-            meta.block_tables[:nd],
-            meta.context_lens[:nd],
-            meta.block_size,
-            scale,
-        )
-    elif meta.decode is not None:
-        decode_out = _attend_group(
-            q[:nd], k_cache, v_cache, meta.decode, scale, backend, meta.block_size
         )
     c_causal = backend == "cpu"  # first chunks on the C causal kernel where it runs
     if backend in KERNEL_BACKENDS:
