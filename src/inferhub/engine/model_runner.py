@@ -7,7 +7,6 @@ block s // block_size.
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -57,6 +56,13 @@ def _padded_tables(seqs: list[Sequence], width: int) -> list[list[int]]:
     """Each sequence's block table cut or padded with zeros to `width` blocks, ready for one
     torch.tensor call (a tensor per row cost ~0.7 ms a 64-sequence decode step)."""
     return [(s.block_table + [0] * width)[:width] for s in seqs]
+
+
+def _block_tables(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+    """The sequences' block tables, padded to the longest, as one (B, blocks) int32 tensor
+    on the device (what the kernels that walk the tables themselves read)."""
+    width = max(len(s.block_table) for s in seqs)
+    return torch.tensor(_padded_tables(seqs, width), dtype=torch.int32).to(device)
 
 
 class ModelRunner:
@@ -115,11 +121,13 @@ class ModelRunner:
         lens_t = torch.tensor(lens).unsqueeze(1)
         qi = torch.arange(q_max).unsqueeze(0)  # (1, Q)
         q_valid = qi < lens_t  # (B, Q)
-        offsets = torch.tensor([0, *lens[:-1]]).cumsum(0).unsqueeze(1) + flat_offset
+        firsts = torch.tensor([0, *lens[:-1]]).cumsum(0)  # each sequence's first flat row
+        offsets = firsts.unsqueeze(1) + flat_offset
         q_index = torch.where(q_valid, offsets + qi, offsets)  # (B, Q)
         q_pos = starts_t + qi  # (B, Q) absolute position of each query
         mask = pos.view(1, 1, -1) <= q_pos.unsqueeze(2)  # (B, Q, L)
         dev = self.device
+        all_from_start = all(s == 0 for s in starts)
         return AttentionGroup(
             q_index=q_index.to(dev),
             q_valid=q_valid.to(dev),
@@ -127,10 +135,10 @@ class ModelRunner:
             mask=mask.unsqueeze(1).to(dev),  # (B, 1, Q, L)
             all_valid=all(n == q_max for n in lens),
             context_len=ctx_lens[0] if b == 1 else None,
-            all_from_start=all(s == 0 for s in starts),
+            all_from_start=all_from_start,
             num_tokens=sum(lens),
-            bounds=torch.tensor([[0, *itertools.accumulate(lens[:-1])], lens], dtype=torch.int32)
-            if self.backend == "cpu"
+            bounds=torch.stack([firsts, lens_t.squeeze(1)]).to(torch.int32)
+            if self.backend == "cpu" and all_from_start
             else None,
         )
 
@@ -145,13 +153,11 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         last_index = [0] * len(out.seqs)
-        first_index = [0] * len(out.seqs)
         bs = self.block_size
         for i in order:
             seq = out.seqs[i]
             start = seq.num_computed_tokens
             n = out.num_new_tokens[i]
-            first_index[i] = len(input_ids)
             input_ids.extend(seq.token_ids[start : start + n])
             table = seq.block_table
             for p in range(start, start + n):
@@ -184,17 +190,16 @@ class ModelRunner:
             pre = cont_idx + fresh_idx
             seqs = [out.seqs[i] for i in pre]
             lens = [out.num_new_tokens[i] for i in pre]
-            width = max(len(s.block_table) for s in seqs)
             ints = torch.tensor(
                 [
-                    [first_index[i] for i in pre],
+                    [last_index[i] - n + 1 for i, n in zip(pre, lens, strict=True)],
                     lens,
                     [s.num_computed_tokens for s in seqs],
                 ],
                 dtype=torch.int32,
             ).to(dev)
             meta.prefill_kernel = PrefillKernelInputs(
-                block_tables=torch.tensor(_padded_tables(seqs, width), dtype=torch.int32).to(dev),
+                block_tables=_block_tables(seqs, dev),
                 q_start=ints[0],
                 q_len=ints[1],
                 ctx_start=ints[2],
@@ -202,9 +207,7 @@ class ModelRunner:
             )
         if decode_idx and self.backend in KERNEL_BACKENDS:
             seqs = [out.seqs[i] for i in decode_idx]
-            width = max(len(s.block_table) for s in seqs)
-            rows = _padded_tables(seqs, width)
-            meta.block_tables = torch.tensor(rows, dtype=torch.int32).to(dev)
+            meta.block_tables = _block_tables(seqs, dev)
             meta.context_lens = torch.tensor(
                 [s.num_computed_tokens + 1 for s in seqs], dtype=torch.int32
             ).to(dev)
