@@ -143,7 +143,9 @@ def decode_ms(engine: LLMEngine, steps: int) -> float:
     return statistics.median(times[2:]) * 1000
 
 
-def throughput(engine: LLMEngine, n: int, lo: int, hi: int) -> dict[str, float]:
+def add_workload(engine: LLMEngine, n: int, lo: int, hi: int) -> int:
+    """nano-vllm's workload: n requests with random prompt and output lengths in [lo, hi]
+    (seed 0), EOS ignored. Returns the output tokens they will generate."""
     rng = random.Random(0)
     total_out = 0
     for i in range(n):
@@ -153,6 +155,11 @@ def throughput(engine: LLMEngine, n: int, lo: int, hi: int) -> dict[str, float]:
             f"t{i}", prompt, SamplingParams(temperature=0, max_tokens=olen, ignore_eos=True)
         )
         total_out += olen
+    return total_out
+
+
+def throughput(engine: LLMEngine, n: int, lo: int, hi: int) -> dict[str, float]:
+    total_out = add_workload(engine, n, lo, hi)
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpu import SHAPES, build, device_bandwidth
+from bench_gpu import SHAPES, add_workload, build, device_bandwidth
 from common import print_table, write_json
 from inferhub.config import EngineConfig
 from inferhub.engine.llm_engine import LLMEngine
 from inferhub.engine.sampling_params import SamplingParams
+from inferhub.engine.scheduler import SchedulerOutput
 
 
 def event_ms(fn: Any, reps: int, warmup: int = 3) -> float:
@@ -138,33 +139,45 @@ def decode_kernel_rows(shape: str, dev: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
+PHASES = ("schedule", "execute", "wait", "post")
+
+
+def timed_step(engine: LLMEngine) -> tuple[SchedulerOutput, tuple[float, ...]] | None:
+    """One engine step (as LLMEngine.step does it) timed in its host phases, in seconds:
+    schedule, execute (host until the launch returns), wait (the GPU's remainder, through an
+    explicit synchronize), post (sampling, stop checks, outputs). None for an empty step."""
+    t0 = time.perf_counter()
+    sched = engine.scheduler.schedule()
+    t1 = time.perf_counter()
+    if sched.is_empty:
+        return None
+    idx = [i for i in range(len(sched.seqs)) if sched.samples(i)]
+    logits = engine.runner.execute(sched, idx)
+    t2 = time.perf_counter()
+    torch.cuda.synchronize()
+    t3 = time.perf_counter()
+    engine.scheduler.update_after_step(sched)
+    engine._postprocess(sched, idx, logits)
+    t4 = time.perf_counter()
+    return sched, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+
+
 def step_phases(engine: LLMEngine, steps: int) -> dict[str, float]:
-    """Host phases of batch-1 decode steps (median ms): schedule, execute (host until the
-    launch returns), wait (the GPU's remainder), post (sampling, stop checks, outputs)."""
+    """Host phases of batch-1 decode steps (median ms, see timed_step) and whole steps."""
     rng = random.Random(0)
     engine.add_request(
         "phases",
         [rng.randrange(100, 150000) for _ in range(128)],
         SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True),
     )
-    acc: dict[str, list[float]] = {"schedule": [], "execute": [], "wait": [], "post": []}
-    acc["step"] = []
+    acc: dict[str, list[float]] = {k: [] for k in (*PHASES, "step")}
     n = 0
     while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        sched = engine.scheduler.schedule()
-        t1 = time.perf_counter()
-        idx = [i for i in range(len(sched.seqs)) if sched.samples(i)]
-        logits = engine.runner.execute(sched, idx)
-        t2 = time.perf_counter()
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        engine.scheduler.update_after_step(sched)
-        engine._postprocess(sched, idx, logits)
-        t4 = time.perf_counter()
+        timed = timed_step(engine)
         n += 1
-        if n > 4:
-            for k, v in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
+        if timed is not None and n > 4:
+            phases = timed[1]
+            for k, v in zip(acc, (*phases, sum(phases)), strict=True):
                 acc[k].append(v * 1000)
     return {k: statistics.median(v) for k, v in acc.items()}
 
@@ -198,36 +211,18 @@ def kernel_table(engine: LLMEngine, batch: int) -> str:
 def throughput_phases(engine: LLMEngine, n: int, lo: int, hi: int) -> dict[str, Any]:
     """nano-vllm's workload with the host phases summed (seconds), decode and prefill steps
     apart. The explicit synchronize splits a step's host time from its GPU time."""
-    rng = random.Random(0)
-    total_out = 0
-    for i in range(n):
-        plen, olen = rng.randint(lo, hi), rng.randint(lo, hi)
-        prompt = [rng.randrange(100, 150000) for _ in range(plen)]
-        engine.add_request(
-            f"t{i}", prompt, SamplingParams(temperature=0, max_tokens=olen, ignore_eos=True)
-        )
-        total_out += olen
-    keys = ("schedule", "execute", "wait", "post")
-    sums = {f"{kind}_{k}": 0.0 for kind in ("decode", "prefill") for k in keys}
+    total_out = add_workload(engine, n, lo, hi)
+    sums = {f"{kind}_{k}": 0.0 for kind in ("decode", "prefill") for k in PHASES}
     counts = {"decode_steps": 0, "prefill_steps": 0}
     t_start = time.perf_counter()
     while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        sched = engine.scheduler.schedule()
-        t1 = time.perf_counter()
-        if sched.is_empty:
+        timed = timed_step(engine)
+        if timed is None:
             continue
+        sched, phases = timed
         kind = "decode" if all(x == 1 for x in sched.num_new_tokens) else "prefill"
-        idx = [i for i in range(len(sched.seqs)) if sched.samples(i)]
-        logits = engine.runner.execute(sched, idx)
-        t2 = time.perf_counter()
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        engine.scheduler.update_after_step(sched)
-        engine._postprocess(sched, idx, logits)
-        t4 = time.perf_counter()
         counts[f"{kind}_steps"] += 1
-        for k, v in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+        for k, v in zip(PHASES, phases, strict=True):
             sums[f"{kind}_{k}"] += v
     elapsed = time.perf_counter() - t_start
     return {
